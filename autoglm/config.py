@@ -1,0 +1,116 @@
+"""Settings: one frozen object, from environment variables and CLI flags.
+
+Every field can be set with ``AUTOGLM_<FIELD>`` (e.g. ``AUTOGLM_BOOTSTRAP_SERVERS``)
+or the matching CLI flag; flags win. Values are validated once, at start;
+an invalid value raises :class:`~autoglm.errors.ConfigError` naming the
+setting and its environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from autoglm.errors import ConfigError
+
+ENV_PREFIX = "AUTOGLM_"
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """All settings of a worker or client. Durations are float seconds (``_s``).
+
+    Defaults and where they come from:
+
+    - ``max_batch_size=32``, ``max_wait_s=0.010``: the "typical default" of
+      fixed micro-batching (Triton's dynamic batcher examples, faust
+      ``take(32, within=0.01)``-style code); the adaptive batcher replaces the
+      wait with latency feedback.
+    - ``max_in_flight=1024`` tasks: the memory bound; at ~4 KiB per digits task
+      that is ~4 MiB of queued inputs.
+    - ``max_message_bytes=4 MiB``: above Kafka's 1 MiB default so that text
+      batches fit; brokers need ``message.max.bytes`` at least this large.
+    - ``rebalance_timeout_s=60``: faust's default; ``session_timeout_s=45`` and
+      ``heartbeat_interval_s=3``: Kafka's consumer defaults (KIP-735). The
+      embedded broker uses 6 s / 6 s / 1 s because its group join waits about
+      half of them (ARCHITECTURE.md).
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    bootstrap_servers: str | None = Field(
+        default=None, description="host:port[,host:port]; unset starts the embedded broker"
+    )
+    topic_prefix: str = Field(default="autoglm", pattern=r"^[a-zA-Z0-9._-]{1,100}$")
+    partitions: int = Field(default=3, ge=1, le=10_000)
+    replication_factor: int = Field(default=1, ge=1, le=32)
+    models: Annotated[tuple[str, ...], NoDecode] = ("digits",)
+    group_id: str | None = None
+    worker_id: str = Field(default_factory=_default_worker_id)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    torch_threads: int | None = Field(default=None, ge=1)
+    max_batch_size: int = Field(default=32, ge=1, le=65_536)
+    max_wait_s: float = Field(default=0.010, ge=0.0, le=60.0)
+    max_in_flight: int = Field(default=1024, ge=1)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    commit_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)
+    rebalance_timeout_s: float = Field(default=60.0, gt=0.0)
+    session_timeout_s: float = Field(default=45.0, gt=0.0)
+    heartbeat_interval_s: float = Field(default=3.0, gt=0.0)
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if not self.models:
+            raise ValueError("models: at least one model name is needed")
+        if self.heartbeat_interval_s >= self.session_timeout_s:
+            raise ValueError("heartbeat_interval_s must be below session_timeout_s")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        """True when no bootstrap servers are configured (the embedded broker is used)."""
+        return not self.bootstrap_servers
+
+    @property
+    def consumer_group(self) -> str:
+        """The consumer group of the task consumers: ``group_id`` or ``<prefix>-workers``."""
+        return self.group_id or f"{self.topic_prefix}-workers"
+
+    @property
+    def bootstrap_list(self) -> list[str]:
+        """Bootstrap servers as a list of ``host:port``."""
+        return [s.strip() for s in (self.bootstrap_servers or "").split(",") if s.strip()]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment, then ``overrides`` (CLI flags; None means unset).
+
+    Raises:
+        ConfigError: a value is invalid; the message names the setting and
+            its environment variable.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            env = f"{ENV_PREFIX}{name.upper()}" if name != "settings" else ENV_PREFIX + "*"
+            problems.append(f"{name} ({env}): {err['msg']}; got {err.get('input')!r}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -1,0 +1,91 @@
+"""Assembly of a worker process: broker, topics, models, faust app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Iterator
+
+from autoglm.config import Settings
+from autoglm.errors import AutoGLMError
+from autoglm.models import ModelRunner, default_registry
+from autoglm.streams.embedded import EmbeddedBroker
+from autoglm.streams.topics import TopicNames, ensure_topics
+
+log = logging.getLogger(__name__)
+
+#: Group timeouts for the embedded broker, whose group join waits about half of them.
+EMBEDDED_GROUP_TIMEOUTS = {"rebalance_timeout_s": 6.0, "session_timeout_s": 6.0, "heartbeat_interval_s": 1.0}
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings) -> Iterator[Settings]:
+    """Yield settings that point at a broker: the configured one, or an embedded one started here.
+
+    The embedded broker is stopped on exit. With it, the group rebalance
+    timeout is lowered to 6 s (its group join waits about half of it).
+    """
+    if not settings.embedded:
+        yield settings
+        return
+    with EmbeddedBroker() as broker:
+        log.info("no bootstrap servers configured: embedded broker on %s", broker.bootstrap_servers)
+        yield settings.model_copy(
+            update={"bootstrap_servers": broker.bootstrap_servers, **EMBEDDED_GROUP_TIMEOUTS}
+        )
+
+
+def prepare_topics(settings: Settings) -> list[str]:
+    """Create the topics of ``settings.models`` when absent; returns the created names."""
+    return asyncio.run(
+        ensure_topics(
+            settings.bootstrap_list,
+            TopicNames(settings.topic_prefix),
+            settings.models,
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            max_message_bytes=settings.max_message_bytes,
+        )
+    )
+
+
+def load_runners(settings: Settings) -> dict[str, ModelRunner]:
+    """Construct, load and warm up one runner per served model (blocking).
+
+    Raises:
+        UnknownModelError: a name is not in the registry.
+        ModelLoadError: a model failed to load.
+    """
+    registry = default_registry()
+    device = None if settings.device == "auto" else settings.device
+    runners: dict[str, ModelRunner] = {}
+    for name in settings.models:
+        runner = ModelRunner(registry.create(name), device=device, torch_threads=settings.torch_threads)
+        runner.start_sync()
+        log.info("model %s loaded on %s in %.2f s", name, runner.device, runner.load_s or 0.0)
+        runners[name] = runner
+    return runners
+
+
+def run_worker(settings: Settings) -> int:
+    """Run a worker until SIGTERM/SIGINT. Returns the process exit code."""
+    from autoglm.streams.app import build_worker_app, run_app
+
+    with broker_for(settings) as live:
+        try:
+            prepare_topics(live)
+            runners = load_runners(live)
+        except AutoGLMError as exc:
+            log.error("%s", exc)
+            return 2
+        app, _pipeline = build_worker_app(live, runners)
+        log.info(
+            "worker %s serving %s from %s (group %s)",
+            live.worker_id, ", ".join(live.models), live.bootstrap_servers, live.consumer_group,
+        )
+        try:
+            return run_app(app, log_level=live.log_level)
+        finally:
+            for runner in runners.values():
+                runner.close(wait=False)

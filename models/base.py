@@ -1,0 +1,96 @@
+"""What a served model is: its signature, how it prepares inputs, its forward.
+
+A model sees rows. A task carries one or more rows (a tensor whose axis 0 is
+the row axis, or a list of texts); a micro-batch concatenates the rows of its
+tasks, the model runs one forward over all of them, and the outputs are split
+back per task by row counts. A model that returns a different number of rows
+than it was given is an error for every task of the batch (as in Ray Serve's
+``@serve.batch``).
+
+Nothing here imports Kafka.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """A model's declared input and output, for docs, errors and status.
+
+    Attributes:
+        input_kind: ``"tensor"`` or ``"text"``.
+        input: human-readable input signature, e.g. ``float32 (B, 1, 8, 8) or (B, 64)``.
+        output: human-readable output signature, e.g. ``float32 (B, 10)``.
+        output_dim: size of each output row (10 for digits, 384 for minilm).
+    """
+
+    input_kind: Literal["tensor", "text"]
+    input: str
+    output: str
+    output_dim: int
+
+
+class InferenceModel(abc.ABC):
+    """A model served by a worker.
+
+    Lifecycle: construct (cheap) -> :meth:`load` (weights, device placement,
+    warm-up; may take seconds, runs on the model's dedicated thread) ->
+    :meth:`prepare` per task on the event loop (cheap validation) ->
+    :meth:`collate` + :meth:`forward` per micro-batch on the dedicated thread.
+
+    Attributes:
+        name: registry name, as tasks spell it in ``model``.
+        signature: declared input and output.
+        device: ``"cuda"`` or ``"cpu"`` after :meth:`load`.
+    """
+
+    name: str
+    signature: Signature
+    device: str = "cpu"
+
+    @abc.abstractmethod
+    def load(self, device: str) -> None:
+        """Load weights onto ``device`` and warm up (one forward on dummy input).
+
+        Raises:
+            ModelLoadError: weights missing or unusable.
+        """
+
+    @abc.abstractmethod
+    def prepare(self, inputs: Any) -> Any:
+        """Validate one task's decoded inputs and put them in the model's row form.
+
+        Args:
+            inputs: a numpy array or a list of strings, as decoded from the wire.
+
+        Returns:
+            The task's rows in the form :meth:`collate` expects (for tensor
+            models a float32 array ``(n, ...)``; for text models ``list[str]``).
+
+        Raises:
+            InputSignatureError: kind, dtype or shape does not match the
+                signature; the message names expected and actual.
+        """
+
+    @staticmethod
+    def rows(prepared: Any) -> int:
+        """Number of rows of one prepared task (axis 0 / list length)."""
+        return len(prepared)
+
+    @abc.abstractmethod
+    def collate(self, items: Sequence[Any]) -> Any:
+        """Join prepared tasks into one batch input (rows concatenated in order)."""
+
+    @abc.abstractmethod
+    def forward(self, batch: Any) -> np.ndarray:
+        """Run the model on a collated batch; called on the model's thread.
+
+        Returns:
+            float32 numpy array ``(total_rows, output_dim)`` on the CPU.
+        """

@@ -1,0 +1,95 @@
+"""Batching policies: pure decisions of when to flush a micro-batch and how big.
+
+A policy does no I/O and never reads a clock: the batcher tells it the time
+(``now_s``, float seconds of a monotonic clock) and what is queued, and it
+answers with a :class:`BatchDecision`. After each batch the batcher reports
+what happened through :meth:`BatchPolicy.observe`, which is where a feedback
+policy (EWMA latency control, the adaptive-batching issue) learns; the fixed
+policy ignores it. This is the seam the adaptive controller plugs into
+(bytewax's ``next_batch``/``next_awake`` split is the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDecision:
+    """What to do now.
+
+    Attributes:
+        size: how many queued tasks to take when flushing (0 when the queue is empty).
+        flush_at_s: monotonic time at or after which to flush ``size`` tasks;
+            ``None`` when there is nothing to flush. A value <= now means flush now.
+    """
+
+    size: int
+    flush_at_s: float | None
+
+
+class BatchPolicy(Protocol):
+    """The batching seam. Implementations are pure and cheap (called per event)."""
+
+    max_batch_size: int
+
+    def decide(self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool) -> BatchDecision:
+        """Decide the next flush.
+
+        Args:
+            now_s: current monotonic time, seconds.
+            queued: tasks waiting.
+            oldest_enqueued_s: monotonic time the oldest waiting task was queued, or None.
+            busy: whether the model is running a batch right now.
+        """
+        ...
+
+    def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
+        """Learn from a finished batch: its size, forward duration and per-task latencies (seconds)."""
+        ...
+
+
+class FixedBatchPolicy:
+    """Fixed size/wait micro-batching: flush at ``max_batch_size`` tasks, or ``max_wait_s``
+    after the first task of the batch was queued, whichever comes first.
+
+    This is the classic knob pair of Triton's dynamic batcher
+    (``max_queue_delay_microseconds``), Ray Serve's ``@serve.batch``
+    (``batch_wait_timeout_s``) and faust's ``stream.take(max_, within)``.
+
+    Args:
+        max_batch_size: >= 1 tasks.
+        max_wait_s: >= 0 seconds; 0 flushes whatever is queued at once.
+
+    Raises:
+        ValueError: a bound is out of range.
+    """
+
+    def __init__(self, max_batch_size: int = 32, max_wait_s: float = 0.010):
+        self.configure(max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+
+    def configure(self, *, max_batch_size: int | None = None, max_wait_s: float | None = None) -> None:
+        """Change the bounds while running.
+
+        Raises:
+            ValueError: ``max_batch_size`` < 1 or ``max_wait_s`` < 0.
+        """
+        if max_batch_size is not None:
+            if max_batch_size < 1:
+                raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+            self.max_batch_size = int(max_batch_size)
+        if max_wait_s is not None:
+            if not max_wait_s >= 0:
+                raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+            self.max_wait_s = float(max_wait_s)
+
+    def decide(self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool) -> BatchDecision:
+        if queued <= 0 or oldest_enqueued_s is None:
+            return BatchDecision(0, None)
+        if queued >= self.max_batch_size:
+            return BatchDecision(self.max_batch_size, now_s)
+        return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s)
+
+    def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
+        return None

@@ -1,0 +1,162 @@
+"""The client side users import: publish tasks, read results.
+
+Example::
+
+    async with Publisher("127.0.0.1:9092") as pub:
+        await pub.publish(Task(id="t1", model="digits", inputs=image))   # image: float32 (1, 64)
+    async with ResultReader("127.0.0.1:9092") as results:
+        async for result in results:
+            print(result.id, result.outputs.argmax())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import AsyncIterator, Iterable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from autoglm.errors import BrokerError, EventError
+from autoglm.streams.events import Result, Task, decode_result, encode_task, now_ms
+from autoglm.streams.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    """Publishes task events to ``<prefix>.tasks.<model>``, keyed by task id.
+
+    Args:
+        bootstrap_servers: ``host:port[,host:port]``.
+        prefix: topic prefix.
+        max_message_bytes: producer request limit, bytes.
+
+    Raises:
+        BrokerError: on start when the broker is unreachable, on publish when
+            the broker refuses the record (unknown topic, too large).
+    """
+
+    def __init__(self, bootstrap_servers: str | list[str], *, prefix: str = "autoglm",
+                 max_message_bytes: int = 4 * 1024 * 1024, **producer_kwargs):
+        self.names = TopicNames(prefix)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap_servers, acks="all", linger_ms=2,
+            max_request_size=max_message_bytes, **producer_kwargs,
+        )
+
+    async def __aenter__(self) -> "Publisher":
+        try:
+            await self._producer.start()
+        except KafkaError as exc:
+            raise BrokerError(f"cannot connect the publisher: {exc!r}") from exc
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._producer.stop()
+
+    async def publish(self, task: Task, *, wait: bool = True) -> asyncio.Future | None:
+        """Publish one task (``created_ms`` is stamped when absent).
+
+        Args:
+            wait: await the broker's acknowledgement; else return its future.
+        """
+        if task.created_ms is None:
+            task = _with_created(task)
+        try:
+            fut = await self._producer.send(
+                self.names.tasks(task.model), encode_task(task), key=task.id.encode()
+            )
+            if wait:
+                await fut
+                return None
+            return fut
+        except KafkaError as exc:
+            raise BrokerError(f"publish of task {task.id!r} to {self.names.tasks(task.model)!r} failed: {exc!r}") from exc
+
+    async def publish_many(self, tasks: Iterable[Task]) -> int:
+        """Publish tasks pipelined, then wait for every acknowledgement; returns the count."""
+        futures = [await self.publish(t, wait=False) for t in tasks]
+        try:
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise BrokerError(f"publish failed: {exc!r}") from exc
+        return len(futures)
+
+    async def publish_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        """Publish bytes as they are (for tests and tools that bring their own JSON)."""
+        try:
+            await self._producer.send_and_wait(topic, value, key=key)
+        except KafkaError as exc:
+            raise BrokerError(f"publish to {topic!r} failed: {exc!r}") from exc
+
+
+def _with_created(task: Task) -> Task:
+    import dataclasses
+
+    return dataclasses.replace(task, created_ms=now_ms())
+
+
+class ResultReader:
+    """Reads result events from ``<prefix>.results`` (or another topic), outside any group.
+
+    Args:
+        from_beginning: read the topic from its start, else only new results.
+        topic: defaults to ``<prefix>.results``.
+
+    Iterating yields :class:`Result`; records that are not valid results are
+    logged and skipped.
+    """
+
+    def __init__(self, bootstrap_servers: str | list[str], *, prefix: str = "autoglm",
+                 topic: str | None = None, from_beginning: bool = True,
+                 max_message_bytes: int = 4 * 1024 * 1024, **consumer_kwargs):
+        self.topic = topic or TopicNames(prefix).results
+        self.from_beginning = from_beginning
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
+            auto_offset_reset="earliest" if from_beginning else "latest",
+            max_partition_fetch_bytes=max_message_bytes, fetch_max_bytes=max(max_message_bytes, 52428800),
+            client_id=f"autoglm-results-{uuid.uuid4().hex[:8]}", **consumer_kwargs,
+        )
+
+    async def __aenter__(self) -> "ResultReader":
+        try:
+            await self._consumer.start()
+            parts = self._consumer.partitions_for_topic(self.topic)
+            if not parts:
+                await self._consumer.stop()
+                raise BrokerError(f"topic {self.topic!r} does not exist (start a worker, or create it)")
+            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            self._consumer.assign(tps)
+            if self.from_beginning:
+                await self._consumer.seek_to_beginning(*tps)
+            else:
+                await self._consumer.seek_to_end(*tps)
+                for tp in tps:  # resolve the end offsets now, before anything is published
+                    await self._consumer.position(tp)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot read {self.topic!r}: {exc!r}") from exc
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._consumer.stop()
+
+    async def batches(self, timeout_s: float = 0.5) -> list[Result]:
+        """Results fetched within ``timeout_s`` (possibly none)."""
+        records = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000))
+        out: list[Result] = []
+        for recs in records.values():
+            for rec in recs:
+                try:
+                    out.append(decode_result(rec.value))
+                except EventError as exc:
+                    log.warning("skipping a record on %s offset %d: %s", self.topic, rec.offset, exc)
+        return out
+
+    async def __aiter__(self) -> AsyncIterator[Result]:
+        while True:
+            for result in await self.batches():
+                yield result

@@ -1,0 +1,357 @@
+"""Event contracts, version 1: task, result, control (see ARCHITECTURE.md).
+
+Each event is a UTF-8 JSON object with a ``schema`` field of the form
+``autoglm.<kind>/v<major>[.<minor>]``. A decoder accepts major version 1 of
+its own kind and any minor version; anything else raises
+:class:`~autoglm.errors.SchemaVersionError` and the event goes to the
+dead-letter topic. Unknown fields are ignored (forward compatibility).
+
+Times on the wire are epoch milliseconds (``*_ms``); inside the code
+durations are float seconds.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import numpy as np
+
+from autoglm.errors import EventDecodeError, EventValidationError, SchemaVersionError
+from autoglm.streams.codec import decode_tensor, dumps, encode_tensor, loads
+
+TASK_SCHEMA = "autoglm.task/v1"
+RESULT_SCHEMA = "autoglm.result/v1"
+CONTROL_SCHEMA = "autoglm.control/v1"
+
+RESULT_STATUSES = ("ok", "error", "expired", "rejected")
+CONTROL_COMMANDS = ("pause", "resume", "drain", "configure", "status")
+
+#: Kafka's legal topic-name characters and length (kafka.common.internals.Topic).
+TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
+MAX_ID_CHARS = 256
+
+_SCHEMA_RE = re.compile(r"^autoglm\.(?P<kind>[a-z]+)/v(?P<major>\d+)(?:\.\d+)?$")
+
+Inputs = Union[np.ndarray, list[str]]
+
+
+def now_ms() -> int:
+    """Wall-clock time as integer epoch milliseconds (the wire's unit)."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One inference request.
+
+    Attributes:
+        id: unique per task; results are keyed by it.
+        model: registry name of the model to run.
+        inputs: a numpy array (rows along axis 0 where the model batches) or
+            a list of strings for text models.
+        priority: higher is served first (used by the adaptive batcher).
+        deadline_ms: epoch ms after which the result is ``expired``; or None.
+        created_ms: epoch ms when the producer created the task; or None.
+        reply_to: topic for the result instead of ``<prefix>.results``; or None.
+        attributes: string map passed through to the result unchanged.
+    """
+
+    id: str
+    model: str
+    inputs: Inputs
+    priority: int = 0
+    deadline_ms: int | None = None
+    created_ms: int | None = None
+    reply_to: str | None = None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """Why a task got no outputs: ``code`` as in :mod:`autoglm.errors`, and a message."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The answer to one task; key on the wire is the task id.
+
+    Attributes:
+        outputs: float32 array (rows, ...) when ``status == "ok"``, else None.
+        error: set when ``status != "ok"``.
+        batch_size: number of tasks in the micro-batch that served this one.
+        worker: id of the worker that produced it.
+        queue_ms: time from receipt by the worker to the start of the forward.
+        inference_ms: duration of the batched forward.
+        end_to_end_ms: from ``created_ms`` (or receipt when absent) to
+            publication of the result.
+        served_by: model that actually served the task (equals ``model``
+            unless a fallback served it).
+    """
+
+    id: str
+    model: str
+    status: Literal["ok", "error", "expired", "rejected"]
+    outputs: np.ndarray | None = None
+    error: ErrorInfo | None = None
+    batch_size: int = 0
+    worker: str = ""
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    end_to_end_ms: float = 0.0
+    attributes: dict[str, str] = field(default_factory=dict)
+    served_by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlEvent:
+    """A command to every worker: ``pause``, ``resume``, ``drain``, ``configure``, ``status``."""
+
+    id: str
+    command: str
+    target: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    issued_ms: int = 0
+
+
+# -- tasks -------------------------------------------------------------------
+
+
+def encode_task(task: Task) -> bytes:
+    """Serialize a task; array inputs become base64 wire tensors."""
+    inputs: Any = task.inputs if isinstance(task.inputs, list) else encode_tensor(task.inputs)
+    doc: dict[str, Any] = {"schema": TASK_SCHEMA, "id": task.id, "model": task.model, "inputs": inputs}
+    if task.priority:
+        doc["priority"] = task.priority
+    for name in ("deadline_ms", "created_ms", "reply_to"):
+        value = getattr(task, name)
+        if value is not None:
+            doc[name] = value
+    if task.attributes:
+        doc["attributes"] = task.attributes
+    return dumps(doc)
+
+
+def decode_task(raw: bytes | bytearray | memoryview | str | None) -> Task:
+    """Parse and validate a task event.
+
+    Inputs that are a JSON string or list of strings become ``list[str]``;
+    anything else must be a tensor (see :func:`~autoglm.streams.codec.decode_tensor`).
+    Whether the inputs fit the model is the model's check, not this one's.
+
+    Raises:
+        EventDecodeError, SchemaVersionError, EventValidationError, TensorError:
+            each carries ``task_id`` and ``model`` when those could be read.
+    """
+    doc = _load_object(raw)
+    task_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    model = doc.get("model") if isinstance(doc.get("model"), str) else None
+    try:
+        _check_schema(doc, "task")
+        tid = _req_str(doc, "id", max_len=MAX_ID_CHARS)
+        model_name = _req_str(doc, "model", max_len=MAX_ID_CHARS)
+        return Task(
+            id=tid,
+            model=model_name,
+            inputs=_decode_inputs(doc.get("inputs", _MISSING)),
+            priority=_opt_int(doc, "priority", default=0),
+            deadline_ms=_opt_epoch_ms(doc, "deadline_ms"),
+            created_ms=_opt_epoch_ms(doc, "created_ms"),
+            reply_to=_opt_topic(doc, "reply_to"),
+            attributes=_opt_str_map(doc, "attributes"),
+        )
+    except (SchemaVersionError, EventValidationError) as exc:
+        exc.task_id, exc.model = task_id, model
+        raise
+
+
+def _decode_inputs(value: Any) -> Inputs:
+    if value is _MISSING:
+        raise EventValidationError("inputs", "a tensor, a text or a list of texts", "missing")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, list) and any(isinstance(v, str) for v in value):
+        raise EventValidationError("inputs", "a list of texts only", "a list mixing texts and other values")
+    return decode_tensor(value, field="inputs")
+
+
+# -- results -----------------------------------------------------------------
+
+
+def encode_result(result: Result) -> bytes:
+    """Serialize a result; outputs become a base64 wire tensor.
+
+    Raises:
+        TensorError: outputs hold NaN/inf (never emitted; callers turn this
+            into an ``error`` result).
+    """
+    doc: dict[str, Any] = {
+        "schema": RESULT_SCHEMA,
+        "id": result.id,
+        "model": result.model,
+        "status": result.status,
+        "batch_size": result.batch_size,
+        "worker": result.worker,
+        "queue_ms": round(result.queue_ms, 3),
+        "inference_ms": round(result.inference_ms, 3),
+        "end_to_end_ms": round(result.end_to_end_ms, 3),
+        "attributes": result.attributes,
+    }
+    if result.outputs is not None:
+        doc["outputs"] = encode_tensor(result.outputs)
+    if result.error is not None:
+        doc["error"] = {"code": result.error.code, "message": result.error.message}
+    if result.served_by is not None and result.served_by != result.model:
+        doc["served_by"] = result.served_by
+    return dumps(doc)
+
+
+def decode_result(raw: bytes | bytearray | memoryview | str | None) -> Result:
+    """Parse a result event (for clients reading ``<prefix>.results``).
+
+    Raises:
+        EventDecodeError, SchemaVersionError, EventValidationError, TensorError.
+    """
+    doc = _load_object(raw)
+    _check_schema(doc, "result")
+    status = doc.get("status")
+    if status not in RESULT_STATUSES:
+        raise EventValidationError("status", f"one of {RESULT_STATUSES}", status)
+    outputs = doc.get("outputs")
+    err = doc.get("error")
+    return Result(
+        id=_req_str(doc, "id", max_len=MAX_ID_CHARS),
+        model=_req_str(doc, "model", max_len=MAX_ID_CHARS),
+        status=status,
+        outputs=None if outputs is None else decode_tensor(outputs, field="outputs"),
+        error=None if not isinstance(err, dict) else ErrorInfo(str(err.get("code")), str(err.get("message"))),
+        batch_size=_opt_int(doc, "batch_size", default=0),
+        worker=str(doc.get("worker", "")),
+        queue_ms=float(doc.get("queue_ms", 0.0)),
+        inference_ms=float(doc.get("inference_ms", 0.0)),
+        end_to_end_ms=float(doc.get("end_to_end_ms", 0.0)),
+        attributes=_opt_str_map(doc, "attributes"),
+        served_by=doc.get("served_by") or doc.get("model"),
+    )
+
+
+# -- control -----------------------------------------------------------------
+
+
+def encode_control(event: ControlEvent) -> bytes:
+    """Serialize a control event."""
+    return dumps(
+        {
+            "schema": CONTROL_SCHEMA,
+            "id": event.id,
+            "command": event.command,
+            "target": event.target,
+            "params": event.params,
+            "issued_ms": event.issued_ms,
+        }
+    )
+
+
+def decode_control(raw: bytes | bytearray | memoryview | str | None) -> ControlEvent:
+    """Parse and validate a control event.
+
+    Raises:
+        EventDecodeError, SchemaVersionError, EventValidationError.
+    """
+    doc = _load_object(raw)
+    _check_schema(doc, "control")
+    command = doc.get("command")
+    if command not in CONTROL_COMMANDS:
+        raise EventValidationError("command", f"one of {CONTROL_COMMANDS}", command)
+    target = doc.get("target") or {}
+    if not isinstance(target, dict) or not all(k in ("model", "worker") for k in target):
+        raise EventValidationError("target", "an object with optional 'model' and 'worker'", target)
+    params = doc.get("params") or {}
+    if not isinstance(params, dict):
+        raise EventValidationError("params", "an object", params)
+    return ControlEvent(
+        id=_req_str(doc, "id", max_len=MAX_ID_CHARS),
+        command=command,
+        target={k: str(v) for k, v in target.items()},
+        params=params,
+        issued_ms=_opt_epoch_ms(doc, "issued_ms") or 0,
+    )
+
+
+# -- helpers -----------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _load_object(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        raise EventDecodeError("empty record value (tombstone)")
+    doc = loads(raw)
+    if not isinstance(doc, dict):
+        raise EventDecodeError(f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
+def _check_schema(doc: dict[str, Any], kind: str) -> None:
+    schema = doc.get("schema")
+    match = _SCHEMA_RE.match(schema) if isinstance(schema, str) else None
+    if match is None or match["kind"] != kind:
+        raise SchemaVersionError(f"field 'schema': expected 'autoglm.{kind}/v1', got {schema!r}")
+    if match["major"] != "1":
+        raise SchemaVersionError(
+            f"field 'schema': major version v{match['major']} is not supported (this worker reads v1)"
+        )
+
+
+def _req_str(doc: dict[str, Any], name: str, *, max_len: int) -> str:
+    value = doc.get(name, _MISSING)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise EventValidationError(name, f"a non-empty string of at most {max_len} chars", _shown(value))
+    return value
+
+
+def _opt_int(doc: dict[str, Any], name: str, *, default: int) -> int:
+    value = doc.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EventValidationError(name, "an integer", value)
+    return value
+
+
+def _opt_epoch_ms(doc: dict[str, Any], name: str) -> int | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 2**53):
+        raise EventValidationError(name, "epoch milliseconds, a number >= 0", value)
+    return int(value)
+
+
+def _opt_topic(doc: dict[str, Any], name: str) -> str | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not TOPIC_NAME_RE.match(value):
+        raise EventValidationError(name, "a Kafka topic name ([a-zA-Z0-9._-], 1-249 chars)", value)
+    return value
+
+
+def _opt_str_map(doc: dict[str, Any], name: str) -> dict[str, str]:
+    value = doc.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise EventValidationError(name, "an object of string values", value)
+    return value
+
+
+def _shown(value: Any) -> Any:
+    return "missing" if value is _MISSING else value

@@ -1,0 +1,298 @@
+"""The per-record path of a worker: decode, validate, batch, infer, publish, acknowledge.
+
+::
+
+    record ─► in-flight cap ─► decode + validate ──bad──► dead-letter record (+ rejected result)
+                                   │ good                         │
+                                   ▼                              │ broker ack
+                             micro-batcher (per model)            ▼
+                                   │ batch               offset tracker ─► ack in offset order
+                                   ▼                              ▲            (then faust commits)
+                             model runner thread ─► results ──────┘ broker ack
+
+Commit after produce: a record is acknowledged to the consumer (which then
+commits it) only when its result or dead-letter record has been acknowledged
+by the broker, and only in offset order per partition.
+
+The pipeline knows Kafka only through two callables given to it: ``send``
+(produce one record, return an awaitable of the broker's acknowledgement) and
+``ack`` (mark a consumed record done). The faust wiring in
+:mod:`autoglm.streams.app` supplies both; tests can supply their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Hashable, Mapping
+
+from autoglm.errors import EventError, InferenceError, TensorError, UnknownModelError
+from autoglm.processors.batcher import MicroBatcher, Queued
+from autoglm.processors.batching import BatchPolicy
+from autoglm.processors.delivery import InFlightLimiter, OffsetTracker
+from autoglm.streams.codec import loads
+from autoglm.streams.events import TOPIC_NAME_RE, ErrorInfo, Result, Task, decode_task, encode_result, now_ms
+from autoglm.streams.topics import TopicNames
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+SendFn = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[Awaitable[Any]]]
+AckFn = Callable[[Any], None]
+
+DLQ_HEADER_CODE = "autoglm.error.code"
+DLQ_HEADER_MESSAGE = "autoglm.error.message"
+DLQ_HEADER_TOPIC = "autoglm.source.topic"
+DLQ_HEADER_PARTITION = "autoglm.source.partition"
+DLQ_HEADER_OFFSET = "autoglm.source.offset"
+DLQ_HEADER_WORKER = "autoglm.worker"
+
+
+@dataclass(slots=True)
+class Pending:
+    """A valid task on its way through the model."""
+
+    task: Task
+    prepared: Any
+    partition: Hashable
+    offset: int
+    received_s: float
+    received_ms: int
+
+
+@dataclass(slots=True)
+class PipelineCounters:
+    """Totals since start (for status and tests)."""
+
+    received: int = 0
+    results_ok: int = 0
+    results_error: int = 0
+    dead_letters: int = 0
+    batches: int = 0
+
+
+class TaskPipeline:
+    """Serves the task records of one worker.
+
+    Args:
+        names: topic names.
+        worker_id: written into results and dead-letter headers.
+        runners: model name -> a started ``ModelRunner`` (``.model``, ``async run(items)``).
+        policies: model name -> batching policy.
+        send: produce one record ``(topic, key, value, headers)``; awaiting it
+            returns an awaitable that resolves when the broker acknowledged.
+        ack: acknowledge a consumed record given its token.
+        max_in_flight: tasks between receipt and acknowledgement (memory bound).
+        on_fatal: called with the exception when a result cannot be delivered
+            (the worker must stop so that the task is consumed again).
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        names: TopicNames,
+        worker_id: str,
+        runners: Mapping[str, Any],
+        policies: Mapping[str, BatchPolicy],
+        send: SendFn,
+        ack: AckFn,
+        max_in_flight: int,
+        on_fatal: Callable[[BaseException], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.names = names
+        self.worker_id = worker_id
+        self.runners = dict(runners)
+        self.policies = dict(policies)
+        self._send = send
+        self._ack = ack
+        self._on_fatal = on_fatal or (lambda exc: None)
+        self.clock = clock
+        self.limiter = InFlightLimiter(max_in_flight)
+        self.tracker: OffsetTracker[Any] = OffsetTracker()
+        self.counters = PipelineCounters()
+        self.batchers: dict[str, MicroBatcher[Pending]] = {
+            name: MicroBatcher(self._batch_handler(name), self.policies[name], clock=clock, name=f"batcher-{name}")
+            for name in self.runners
+        }
+        self._background: set[asyncio.Task] = set()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the batchers on the running loop."""
+        for batcher in self.batchers.values():
+            batcher.start()
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Flush queued tasks, wait for their results to be acknowledged (up to ``timeout_s``)."""
+        try:
+            await asyncio.wait_for(self._drain(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("stop: %d tasks still in flight after %.1f s", self.limiter.in_flight, timeout_s)
+
+    async def _drain(self) -> None:
+        await asyncio.gather(*(b.stop(flush=True) for b in self.batchers.values()))
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def revoke(self, partitions: list[Hashable]) -> None:
+        """Forget revoked partitions (their unfinished tasks may be served again by the new owner)."""
+        for tp in partitions:
+            lost = self.tracker.revoke(tp)
+            if lost:
+                log.info("partition %s revoked with %d tasks in flight", tp, lost)
+
+    # -- records --------------------------------------------------------------
+
+    async def on_record(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, token: Any
+    ) -> None:
+        """Take one consumed task record. Waits while the in-flight cap is reached (backpressure)."""
+        await self.limiter.acquire()
+        tp = (topic, partition)
+        self.tracker.received(tp, offset, token)
+        self.counters.received += 1
+        received_s, received_ms = self.clock(), now_ms()
+        try:
+            task = decode_task(value)
+            model = self.names.model_of(topic)
+            if task.model != model:
+                raise UnknownModelError(
+                    f"task names model {task.model!r} but arrived on {topic!r}, the topic of model {model!r}; "
+                    f"publish it to {self.names.tasks(task.model)!r}",
+                    task_id=task.id, model=task.model,
+                )
+            runner = self.runners.get(model)
+            if runner is None:
+                raise UnknownModelError(
+                    f"model {model!r} is not served by this worker (serves {sorted(self.runners)})",
+                    task_id=task.id, model=task.model,
+                )
+            try:
+                prepared = runner.model.prepare(task.inputs)
+            except EventError as exc:
+                exc.task_id, exc.model = task.id, task.model
+                raise
+        except EventError as exc:
+            self._spawn(self._dead_letter(tp, offset, key, value, exc, reply_to=_reply_to(value, exc)))
+            return
+        self.batchers[model].put(Pending(task, prepared, tp, offset, received_s, received_ms))
+
+    # -- batches --------------------------------------------------------------
+
+    def _batch_handler(self, model: str) -> Callable[[list[Queued[Pending]]], Awaitable[None]]:
+        async def handle(batch: list[Queued[Pending]]) -> None:
+            await self._run_batch(model, [q.item for q in batch])
+
+        return handle
+
+    async def _run_batch(self, model: str, batch: list[Pending]) -> None:
+        runner = self.runners[model]
+        start_s = self.clock()
+        outputs: list[Any] | None = None
+        error: ErrorInfo | None = None
+        try:
+            outputs = await runner.run([p.prepared for p in batch])
+        except InferenceError as exc:
+            log.error("model %s failed on a batch of %d: %s", model, len(batch), exc)
+            error = ErrorInfo(exc.code, str(exc))
+        inference_s = self.clock() - start_s
+        self.counters.batches += 1
+        finished_ms = now_ms()
+        results = []
+        for i, p in enumerate(batch):
+            results.append(
+                Result(
+                    id=p.task.id,
+                    model=model,
+                    status="ok" if outputs is not None else "error",
+                    outputs=outputs[i] if outputs is not None else None,
+                    error=error,
+                    batch_size=len(batch),
+                    worker=self.worker_id,
+                    queue_ms=(start_s - p.received_s) * 1000.0,
+                    inference_ms=inference_s * 1000.0,
+                    end_to_end_ms=float(max(0, finished_ms - (p.task.created_ms or p.received_ms))),
+                    attributes=p.task.attributes,
+                )
+            )
+        self.policies[model].observe(
+            self.clock(), len(batch), inference_s, [r.end_to_end_ms / 1000.0 for r in results]
+        )
+        self._spawn(self._deliver(batch, results))
+
+    async def _deliver(self, batch: list[Pending], results: list[Result]) -> None:
+        acks = []
+        for pending, result in zip(batch, results):
+            try:
+                value = encode_result(result)
+            except TensorError as exc:  # NaN/inf from the model: never emitted
+                result = dataclasses.replace(result, status="error", outputs=None, error=ErrorInfo("invalid_output", str(exc)))
+                value = encode_result(result)
+            if result.status == "ok":
+                self.counters.results_ok += 1
+            else:
+                self.counters.results_error += 1
+            topic = pending.task.reply_to or self.names.results
+            acks.append(await self._send(topic, result.id.encode(), value, []))
+        await self._settle(acks, [(p.partition, p.offset) for p in batch])
+
+    async def _dead_letter(
+        self, tp: Hashable, offset: int, key: bytes | None, value: bytes | None, exc: EventError, reply_to: str | None
+    ) -> None:
+        self.counters.dead_letters += 1
+        log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
+        topic, partition = tp if isinstance(tp, tuple) else (str(tp), -1)
+        headers: Headers = [
+            (DLQ_HEADER_CODE, exc.code.encode()),
+            (DLQ_HEADER_MESSAGE, str(exc)[:1000].encode()),
+            (DLQ_HEADER_TOPIC, str(topic).encode()),
+            (DLQ_HEADER_PARTITION, str(partition).encode()),
+            (DLQ_HEADER_OFFSET, str(offset).encode()),
+            (DLQ_HEADER_WORKER, self.worker_id.encode()),
+        ]
+        acks = [await self._send(self.names.dlq, key, value, headers)]
+        if exc.task_id:
+            rejected = Result(
+                id=exc.task_id,
+                model=exc.model or "",
+                status="rejected",
+                error=ErrorInfo(exc.code, str(exc)),
+                worker=self.worker_id,
+            )
+            acks.append(await self._send(reply_to or self.names.results, exc.task_id.encode(), encode_result(rejected), []))
+        await self._settle(acks, [(tp, offset)])
+
+    async def _settle(self, acks: list[Awaitable[Any]], offsets: list[tuple[Hashable, int]]) -> None:
+        """Wait for the broker's acks, then release the offsets in order and free the in-flight slots."""
+        try:
+            await asyncio.gather(*acks)
+        except Exception as exc:  # a result that cannot be delivered must not be committed
+            log.critical("could not deliver %d records; stopping so they are consumed again: %r", len(acks), exc)
+            self._on_fatal(exc)
+            return
+        for tp, offset in offsets:
+            for token in self.tracker.done(tp, offset):
+                self._ack(token)
+        self.limiter.release(len(offsets))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _reply_to(value: bytes | None, exc: EventError) -> str | None:
+    """The task's valid ``reply_to`` when the event was readable enough to have one."""
+    if not exc.task_id or value is None:
+        return None
+    try:
+        reply_to = loads(value).get("reply_to")
+    except EventError:
+        return None
+    return reply_to if isinstance(reply_to, str) and TOPIC_NAME_RE.match(reply_to) else None

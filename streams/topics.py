@@ -1,0 +1,108 @@
+"""Topic names and their creation.
+
+Layout (``<prefix>`` defaults to ``autoglm``):
+
+================================  ===========  =========================================
+topic                             partitions   carries
+================================  ===========  =========================================
+``<prefix>.tasks.<model>``        configured   task events for one model
+``<prefix>.results``              configured   result events, keyed by task id
+``<prefix>.dlq``                  configured   dead letters: original bytes + reason headers
+``<prefix>.control``              1            control events (ordered, read by every worker)
+``<prefix>.status``               1            worker acks and heartbeats
+================================  ===========  =========================================
+
+One task topic per model: a model's stream can be paused (Kafka's per-partition
+pause) without touching another's, each model's backlog and consumer lag is
+visible on its own, and a model can get its own partition count.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from autoglm.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicNames:
+    """Topic names derived from one prefix."""
+
+    prefix: str = "autoglm"
+
+    def tasks(self, model: str) -> str:
+        """The task topic of ``model``."""
+        return f"{self.prefix}.tasks.{model}"
+
+    def model_of(self, topic: str) -> str | None:
+        """The model whose task topic ``topic`` is, or None."""
+        head = f"{self.prefix}.tasks."
+        return topic[len(head):] if topic.startswith(head) else None
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}.control"
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}.status"
+
+
+async def ensure_topics(
+    bootstrap_servers: list[str] | str,
+    names: TopicNames,
+    models: list[str] | tuple[str, ...],
+    *,
+    partitions: int,
+    replication_factor: int = 1,
+    max_message_bytes: int | None = None,
+    client_kwargs: dict | None = None,
+) -> list[str]:
+    """Create the project's topics that do not exist yet; existing ones are left alone.
+
+    Returns:
+        The names of the topics that were created.
+
+    Raises:
+        BrokerError: the broker could not be reached or refused the creation.
+    """
+    wanted: dict[str, int] = {names.tasks(m): partitions for m in models}
+    wanted[names.results] = partitions
+    wanted[names.dlq] = partitions
+    wanted[names.control] = 1
+    wanted[names.status] = 1
+    configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(client_kwargs or {}))
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(name=t, num_partitions=n, replication_factor=replication_factor, topic_configs=configs)
+            for t, n in wanted.items()
+            if t not in existing
+        ]
+        if missing:
+            try:
+                await admin.create_topics(missing)
+            except TopicAlreadyExistsError:  # another worker won the race
+                pass
+            log.info("created topics %s", [t.name for t in missing])
+        return [t.name for t in missing]
+    except KafkaError as exc:
+        raise BrokerError(f"could not create topics on {bootstrap_servers}: {exc!r}") from exc
+    finally:
+        await admin.close()
