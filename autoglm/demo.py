@@ -91,9 +91,6 @@ async def _publish_and_collect(settings: Settings, n: int, timeout_s: float, pro
     from autoglm.tasks import digit_tasks
 
     run_id = uuid.uuid4().hex[:8]
-    tasks = digit_tasks(n, run_id)
-    labels = {t.id: int(t.attributes["label"]) for t in tasks}
-    created_ms = {t.id: t.created_ms or 0 for t in tasks}
     servers = settings.bootstrap_list
     received: dict[str, Any] = {}
     latencies_ms: list[float] = []
@@ -102,6 +99,9 @@ async def _publish_and_collect(settings: Settings, n: int, timeout_s: float, pro
     async with ResultReader(servers, prefix=settings.topic_prefix, from_beginning=False) as reader:
         async with Publisher(servers, prefix=settings.topic_prefix) as pub:
             startup_s = await _warm_up(pub, reader, run_id, proc, timeout_s, console)
+            tasks = digit_tasks(n, run_id)  # stamped created_ms now, after the warm-up
+            labels = {t.id: int(t.attributes["label"]) for t in tasks}
+            created_ms = {t.id: t.created_ms or 0 for t in tasks}
             start = time.monotonic()
             await pub.publish_many(tasks)
         deadline = start + timeout_s
@@ -139,7 +139,13 @@ async def _publish_and_collect(settings: Settings, n: int, timeout_s: float, pro
         "throughput_per_s": round(len(received) / elapsed, 1),
         "duplicates": duplicates,
         "startup_s": round(startup_s, 2),
+        "worker_p50_ms": _pct([r.end_to_end_ms for r in received.values()], 50),
+        "worker_p99_ms": _pct([r.end_to_end_ms for r in received.values()], 99),
     }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
 
 
 async def _warm_up(pub, reader, run_id: str, proc: subprocess.Popen, timeout_s: float, console) -> float:
@@ -163,13 +169,12 @@ async def _count_records(servers: list[str], topic: str) -> int:
     """Records in ``topic`` (sum over partitions of end - beginning offsets)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    from autoglm.streams.topics import partitions_of
+
+    tps = [TopicPartition(topic, p) for p in await partitions_of(servers, topic)]
     consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None)
     await consumer.start()
     try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in parts]
-        if not tps:
-            return 0
         ends = await consumer.end_offsets(tps)
         begins = await consumer.beginning_offsets(tps)
         return int(sum(ends[tp] - begins[tp] for tp in tps))

@@ -21,7 +21,7 @@ from aiokafka.errors import KafkaError
 
 from autoglm.errors import BrokerError, EventError
 from autoglm.streams.events import Result, Task, decode_result, encode_task, now_ms
-from autoglm.streams.topics import TopicNames
+from autoglm.streams.topics import TopicNames, partitions_of
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class ResultReader:
                  topic: str | None = None, from_beginning: bool = True,
                  max_message_bytes: int = 4 * 1024 * 1024, **consumer_kwargs):
         self.topic = topic or TopicNames(prefix).results
+        self._bootstrap = bootstrap_servers
         self.from_beginning = from_beginning
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
@@ -124,12 +125,9 @@ class ResultReader:
 
     async def __aenter__(self) -> "ResultReader":
         try:
+            parts = await partitions_of(self._bootstrap, self.topic)
             await self._consumer.start()
-            parts = self._consumer.partitions_for_topic(self.topic)
-            if not parts:
-                await self._consumer.stop()
-                raise BrokerError(f"topic {self.topic!r} does not exist (start a worker, or create it)")
-            tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+            tps = [TopicPartition(self.topic, p) for p in parts]
             self._consumer.assign(tps)
             if self.from_beginning:
                 await self._consumer.seek_to_beginning(*tps)

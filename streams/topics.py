@@ -106,3 +106,33 @@ async def ensure_topics(
         raise BrokerError(f"could not create topics on {bootstrap_servers}: {exc!r}") from exc
     finally:
         await admin.close()
+
+
+async def partitions_of(
+    bootstrap_servers: list[str] | str, topic: str, *, timeout_s: float = 10.0, client_kwargs: dict | None = None
+) -> list[int]:
+    """Partition ids of ``topic``, waiting up to ``timeout_s`` for a just-created topic to appear.
+
+    Raises:
+        BrokerError: the topic does not exist after ``timeout_s``, or the broker is unreachable.
+    """
+    import asyncio
+    import time
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **(client_kwargs or {}))
+    deadline = time.monotonic() + timeout_s
+    try:
+        await admin.start()
+        while True:
+            described = await admin.describe_topics([topic])
+            info = described[0] if described else {}
+            parts = sorted(p["partition"] for p in info.get("partitions", []))
+            if info.get("error_code", 0) == 0 and parts:
+                return parts
+            if time.monotonic() >= deadline:
+                raise BrokerError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+            await asyncio.sleep(0.1)
+    except KafkaError as exc:
+        raise BrokerError(f"could not describe {topic!r} on {bootstrap_servers}: {exc!r}") from exc
+    finally:
+        await admin.close()

@@ -1,0 +1,136 @@
+"""Brokers and workers for integration tests.
+
+- ``kafka_bootstrap``: a real Apache Kafka (KRaft). ``AUTOGLM_TEST_KAFKA``
+  (host:port) points at a running one (CI starts it with
+  ``docker/kafka/kafka.sh``); otherwise this session starts one with that
+  script on a free port and stops it at the end.
+- ``embedded_bootstrap``: the embedded broker (Tansu).
+- ``worker_factory``: starts ``autoglm worker`` child processes; each test
+  gets a unique topic prefix and consumer group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from autoglm.streams.embedded import EmbeddedBroker, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+KAFKA_SH = ROOT / "docker" / "kafka" / "kafka.sh"
+
+#: group timeouts that keep the embedded broker's join short (see ARCHITECTURE.md)
+EMBEDDED_ENV = {"AUTOGLM_REBALANCE_TIMEOUT_S": "6", "AUTOGLM_SESSION_TIMEOUT_S": "6",
+                "AUTOGLM_HEARTBEAT_INTERVAL_S": "1"}
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory) -> str:
+    given = os.environ.get("AUTOGLM_TEST_KAFKA")
+    if given:
+        yield given
+        return
+    port = free_port()
+    data = tmp_path_factory.mktemp("kafka")
+    proc = subprocess.run(
+        ["bash", str(KAFKA_SH), "start", "--port", str(port), "--controller-port", str(free_port()),
+         "--data-dir", str(data / "d")],
+        capture_output=True, text=True, timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"could not start Apache Kafka with {KAFKA_SH}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run(["bash", str(KAFKA_SH), "stop", "--port", str(port), "--data-dir", str(data / "d")],
+                       capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def embedded_bootstrap(tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> str:
+    """One model cache for the session, shared by workers and offline references."""
+    path = os.environ.get("AUTOGLM_CACHE_DIR") or str(tmp_path_factory.mktemp("model-cache"))
+    os.environ["AUTOGLM_CACHE_DIR"] = path
+    return path
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"it-{uuid.uuid4().hex[:10]}"
+
+
+class Workers:
+    """Starts and stops ``autoglm worker`` processes; logs go to the test's tmp dir."""
+
+    def __init__(self, tmp_path: Path, model_cache: str):
+        self.tmp_path = tmp_path
+        self.model_cache = model_cache
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, bootstrap: str, prefix: str, models: str = "digits", *, embedded: bool = False,
+              **settings: str) -> subprocess.Popen:
+        env = {**os.environ, "AUTOGLM_BOOTSTRAP_SERVERS": bootstrap, "AUTOGLM_TOPIC_PREFIX": prefix,
+               "AUTOGLM_MODELS": models, "AUTOGLM_CACHE_DIR": self.model_cache,
+               "AUTOGLM_WORKER_ID": f"w{len(self.procs)}", "AUTOGLM_COMMIT_INTERVAL_S": "0.2",
+               "AUTOGLM_TORCH_THREADS": "1"}
+        if embedded:
+            env.update(EMBEDDED_ENV)
+        env.update({f"AUTOGLM_{k.upper()}": str(v) for k, v in settings.items()})
+        log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "autoglm", "worker"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc.log_path = log.name  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def log(self, proc: subprocess.Popen) -> str:
+        return Path(proc.log_path).read_text(errors="replace")[-4000:]  # type: ignore[attr-defined]
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def workers(tmp_path, model_cache):
+    w = Workers(tmp_path, model_cache)
+    yield w
+    w.stop_all()
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
