@@ -87,7 +87,10 @@ class Workers:
         env = {**os.environ, "AUTOGLM_BOOTSTRAP_SERVERS": bootstrap, "AUTOGLM_TOPIC_PREFIX": prefix,
                "AUTOGLM_MODELS": models, "AUTOGLM_CACHE_DIR": self.model_cache,
                "AUTOGLM_WORKER_ID": f"w{len(self.procs)}", "AUTOGLM_COMMIT_INTERVAL_S": "0.2",
-               "AUTOGLM_TORCH_THREADS": "1"}
+               "AUTOGLM_TORCH_THREADS": "1",
+               # short group timeouts: a killed worker's partitions move within seconds
+               "AUTOGLM_SESSION_TIMEOUT_S": "6", "AUTOGLM_HEARTBEAT_INTERVAL_S": "1",
+               "AUTOGLM_REBALANCE_TIMEOUT_S": "10"}
         if embedded:
             env.update(EMBEDDED_ENV)
         env.update({f"AUTOGLM_{k.upper()}": str(v) for k, v in settings.items()})
