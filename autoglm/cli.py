@@ -51,8 +51,11 @@ def worker(
     prefix: Optional[str] = PrefixOpt,
     models: Optional[str] = typer.Option(None, "--models", "-m", help="comma-separated model names; env AUTOGLM_MODELS (default digits)"),
     partitions: Optional[int] = typer.Option(None, help="partitions of topics created at start; env AUTOGLM_PARTITIONS"),
-    max_batch_size: Optional[int] = typer.Option(None, help="tasks per micro-batch at most; env AUTOGLM_MAX_BATCH_SIZE"),
-    max_wait_s: Optional[float] = typer.Option(None, help="seconds a batch waits for more tasks; env AUTOGLM_MAX_WAIT_S"),
+    batching_mode: Optional[str] = typer.Option(None, help="adaptive or fixed; env AUTOGLM_BATCHING_MODE (default adaptive)"),
+    latency_target_s: Optional[float] = typer.Option(None, help="p99 end-to-end target of the adaptive batcher, seconds; env AUTOGLM_LATENCY_TARGET_S (default 0.1)"),
+    max_batch_size: Optional[int] = typer.Option(None, help="tasks per micro-batch at most; env AUTOGLM_MAX_BATCH_SIZE (default 64)"),
+    max_wait_s: Optional[float] = typer.Option(None, help="fixed mode: seconds a batch waits for more tasks; env AUTOGLM_MAX_WAIT_S"),
+    metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on 127.0.0.1:PORT; env AUTOGLM_METRICS_PORT"),
     max_in_flight: Optional[int] = typer.Option(None, help="tasks in flight at most (backpressure); env AUTOGLM_MAX_IN_FLIGHT"),
     device: Optional[str] = typer.Option(None, help="auto, cpu or cuda; env AUTOGLM_DEVICE"),
     worker_id: Optional[str] = typer.Option(None, help="id written into results; env AUTOGLM_WORKER_ID"),
@@ -64,6 +67,7 @@ def worker(
     """
     settings = _settings(
         bootstrap_servers=bootstrap_servers, topic_prefix=prefix, models=models, partitions=partitions,
+        batching_mode=batching_mode, latency_target_s=latency_target_s, metrics_port=metrics_port,
         max_batch_size=max_batch_size, max_wait_s=max_wait_s, max_in_flight=max_in_flight,
         device=device, worker_id=worker_id, log_level=log_level,
     )

@@ -29,10 +29,14 @@ class Settings(BaseSettings):
 
     Defaults and where they come from:
 
-    - ``max_batch_size=32``, ``max_wait_s=0.010``: the "typical default" of
-      fixed micro-batching (Triton's dynamic batcher examples, faust
-      ``take(32, within=0.01)``-style code); the adaptive batcher replaces the
-      wait with latency feedback.
+    - ``batching_mode="adaptive"`` with ``latency_target_s=0.100``: batch sizes
+      from EWMA latency feedback against a 100 ms p99 target (a common online
+      SLO); ``max_batch_size=64`` bounds it.
+    - ``max_wait_s=0.010``: the wait of ``fixed`` mode, the "typical default"
+      of fixed micro-batching (Triton's dynamic batcher examples, faust
+      ``take(32, within=0.01)``-style code). The adaptive mode never waits with
+      an idle model.
+    - ``aging_per_s=1.0``: a waiting task gains one priority level per second.
     - ``max_in_flight=1024`` tasks: the memory bound; at ~4 KiB per digits task
       that is ~4 MiB of queued inputs.
     - ``max_message_bytes=4 MiB``: above Kafka's 1 MiB default so that text
@@ -56,8 +60,12 @@ class Settings(BaseSettings):
     worker_id: str = Field(default_factory=_default_worker_id)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     torch_threads: int | None = Field(default=None, ge=1)
-    max_batch_size: int = Field(default=32, ge=1, le=65_536)
+    batching_mode: str = Field(default="adaptive", pattern=r"^(adaptive|fixed)$")
+    latency_target_s: float = Field(default=0.100, gt=0.0, le=3600.0)
+    max_batch_size: int = Field(default=64, ge=1, le=65_536)
     max_wait_s: float = Field(default=0.010, ge=0.0, le=60.0)
+    aging_per_s: float = Field(default=1.0, ge=0.0)
+    metrics_port: int | None = Field(default=None, ge=0, le=65_535)
     max_in_flight: int = Field(default=1024, ge=1)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     commit_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)
@@ -71,14 +79,17 @@ class Settings(BaseSettings):
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if not value:
+            raise ValueError("at least one model name is needed, e.g. digits,minilm")
         return value
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
-        if not self.models:
-            raise ValueError("models: at least one model name is needed")
         if self.heartbeat_interval_s >= self.session_timeout_s:
-            raise ValueError("heartbeat_interval_s must be below session_timeout_s")
+            raise ValueError(
+                "heartbeat_interval_s (AUTOGLM_HEARTBEAT_INTERVAL_S) must be below "
+                "session_timeout_s (AUTOGLM_SESSION_TIMEOUT_S)"
+            )
         return self
 
     @property

@@ -1,10 +1,13 @@
 """The async micro-batcher: queues tasks of one model and flushes batches as its policy says.
 
 One batcher per model. ``put`` queues a task (never blocks: the in-flight cap
-upstream bounds the queue); a single flush loop asks the policy what to do,
-sleeps until the flush deadline or the next arrival, and hands each batch to
-``handler``. The handler is awaited before the next batch is formed, so one
-batch per model is in the model at a time and the next one fills meanwhile.
+upstream bounds the queue). A single loop asks the policy what to do, waits
+until the flush time, the next arrival, the next task deadline or the end of
+the running batch, and starts each batch as a task running ``handler``. One
+batch per model is in the model at a time; the next one fills meanwhile.
+While a batch runs, the loop keeps expiring tasks whose deadline passes
+(``on_expired``): an expired task gets its answer at once and never reaches
+the model.
 
 The clock and the sleep are parameters (``clock=time.monotonic``,
 ``sleep=asyncio.sleep``), so tests drive a fake clock and never sleep.
@@ -20,18 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
 from autoglm.processors.batching import BatchPolicy
+from autoglm.processors.queue import DEFAULT_AGING_PER_S, QueuedTask, TaskQueue
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-
-@dataclass(slots=True)
-class Queued(Generic[T]):
-    """A queued task and the monotonic time (seconds) it was queued."""
-
-    item: T
-    enqueued_s: float
+#: Kept for callers that name the batch element type.
+Queued = QueuedTask
 
 
 @dataclass(slots=True)
@@ -40,6 +39,7 @@ class BatchStats:
 
     batches: int = 0
     tasks: int = 0
+    expired: int = 0
     last_batch_size: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -48,10 +48,13 @@ class MicroBatcher(Generic[T]):
     """Forms micro-batches for one model.
 
     Args:
-        handler: ``async handler(batch: list[Queued[T]])`` that runs the batch
-            (inference, then hands the results on). Exceptions are logged and
-            do not stop the batcher; the handler must settle its own tasks.
+        handler: ``async handler(batch: list[QueuedTask[T]])`` that runs the
+            batch. Exceptions are logged and do not stop the batcher; the
+            handler must settle its own tasks.
         policy: the batching policy (see :mod:`autoglm.processors.batching`).
+        on_expired: called with the tasks whose deadline passed, in the loop,
+            at once (also while a batch runs). Default: log and drop them.
+        aging_per_s: priority aging of the queue (see :mod:`autoglm.processors.queue`).
         clock: monotonic seconds.
         sleep: ``async sleep(seconds)``.
         name: for logs.
@@ -59,22 +62,25 @@ class MicroBatcher(Generic[T]):
 
     def __init__(
         self,
-        handler: Callable[[list[Queued[T]]], Awaitable[Any]],
+        handler: Callable[[list[QueuedTask[T]]], Awaitable[Any]],
         policy: BatchPolicy,
         *,
+        on_expired: Callable[[list[QueuedTask[T]]], None] | None = None,
+        aging_per_s: float = DEFAULT_AGING_PER_S,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         name: str = "batcher",
     ):
         self.handler = handler
         self.policy = policy
+        self.on_expired = on_expired or (lambda tasks: log.warning("%d tasks expired", len(tasks)))
         self.clock = clock
         self.sleep = sleep
         self.name = name
         self.stats = BatchStats()
-        self._queue: deque[Queued[T]] = deque()
+        self._queue: TaskQueue[T] = TaskQueue(aging_per_s)
         self._arrival: asyncio.Event | None = None
-        self._busy = False
+        self._running: asyncio.Task | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
 
@@ -84,16 +90,16 @@ class MicroBatcher(Generic[T]):
     @property
     def busy(self) -> bool:
         """True while a batch is in the handler."""
-        return self._busy
+        return self._running is not None and not self._running.done()
 
-    def put(self, item: T) -> None:
-        """Queue one task now."""
-        self._queue.append(Queued(item, self.clock()))
+    def put(self, item: T, *, priority: int = 0, deadline_s: float | None = None) -> None:
+        """Queue one task now (``deadline_s`` on this batcher's clock, or None)."""
+        self._queue.push(item, now_s=self.clock(), priority=priority, deadline_s=deadline_s)
         if self._arrival is not None:
             self._arrival.set()
 
     def start(self) -> None:
-        """Start the flush loop on the running event loop."""
+        """Start the loop on the running event loop (idempotent)."""
         if self._task is None:
             self._arrival = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"autoglm-{self.name}")
@@ -111,46 +117,53 @@ class MicroBatcher(Generic[T]):
                 await task
             except asyncio.CancelledError:
                 pass
+        if self._running is not None:
+            if flush:
+                await asyncio.gather(self._running, return_exceptions=True)
+            else:
+                self._running.cancel()
         if flush:
-            while self._queue:
-                await self._flush(min(len(self._queue), self.policy.max_batch_size))
+            self._expire(self.clock())
+            while len(self._queue):
+                await self._call(self._queue.pop(self.policy.max_batch_size))
 
     async def _run(self) -> None:
         assert self._arrival is not None
         while not self._stopping:
+            self._arrival.clear()  # before looking: an arrival from here on wakes the wait below
             now = self.clock()
-            oldest = self._queue[0].enqueued_s if self._queue else None
-            decision = self.policy.decide(now, len(self._queue), oldest, self._busy)
-            if decision.flush_at_s is None or decision.size <= 0:
-                self._arrival.clear()
-                if not self._queue:
-                    await self._arrival.wait()
-                continue
-            if decision.flush_at_s > now:
-                await self._wait(decision.flush_at_s - now)
-                continue
-            await self._flush(min(decision.size, len(self._queue)))
+            self._expire(now)
+            next_deadline = self._queue.next_deadline_s()
+            wake_at: float | None = next_deadline
+            if not self.busy and len(self._queue):
+                decision = self.policy.decide(
+                    now, len(self._queue), self._queue.oldest_enqueued_s(), False, next_deadline
+                )
+                if decision.flush_at_s is not None and decision.size > 0:
+                    if decision.flush_at_s <= now:
+                        self._start_batch(self._queue.pop(decision.size))
+                        continue
+                    wake_at = decision.flush_at_s if wake_at is None else min(wake_at, decision.flush_at_s)
+            await self._wait(None if wake_at is None else max(0.0, wake_at - now))
 
-    async def _wait(self, delay_s: float) -> None:
-        """Sleep ``delay_s`` or until the next arrival, whichever is first."""
-        assert self._arrival is not None
-        self._arrival.clear()
-        sleeper = asyncio.ensure_future(self.sleep(delay_s))
-        waker = asyncio.ensure_future(self._arrival.wait())
-        try:
-            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for fut in (sleeper, waker):
-                if not fut.done():
-                    fut.cancel()
+    def _expire(self, now: float) -> None:
+        expired = self._queue.expire(now)
+        if expired:
+            self.stats.expired += len(expired)
+            try:
+                self.on_expired(expired)
+            except Exception:
+                log.exception("%s: on_expired failed", self.name)
 
-    async def _flush(self, size: int) -> None:
-        batch = [self._queue.popleft() for _ in range(size)]
+    def _start_batch(self, batch: list[QueuedTask[T]]) -> None:
+        self._running = asyncio.get_running_loop().create_task(self._call(batch))
+
+    async def _call(self, batch: list[QueuedTask[T]]) -> None:
+        size = len(batch)
         self.stats.batches += 1
         self.stats.tasks += size
         self.stats.last_batch_size = size
         self.stats.batch_sizes.append(size)
-        self._busy = True
         try:
             await self.handler(batch)
         except asyncio.CancelledError:
@@ -158,4 +171,18 @@ class MicroBatcher(Generic[T]):
         except Exception:  # the handler settles its own tasks; a bug must not stop the loop
             log.exception("%s: batch handler failed", self.name)
         finally:
-            self._busy = False
+            if self._arrival is not None:
+                self._arrival.set()  # the model is free: decide again
+
+    async def _wait(self, delay_s: float | None) -> None:
+        """Wait for an arrival, the end of the running batch, or ``delay_s`` (None: no timeout)."""
+        assert self._arrival is not None
+        waiters: list[asyncio.Future] = [asyncio.ensure_future(self._arrival.wait())]
+        if delay_s is not None:
+            waiters.append(asyncio.ensure_future(self.sleep(delay_s)))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in waiters:
+                if not fut.done():
+                    fut.cancel()

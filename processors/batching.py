@@ -34,7 +34,10 @@ class BatchPolicy(Protocol):
 
     max_batch_size: int
 
-    def decide(self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool) -> BatchDecision:
+    def decide(
+        self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
+        next_deadline_s: float | None = None,
+    ) -> BatchDecision:
         """Decide the next flush.
 
         Args:
@@ -42,6 +45,7 @@ class BatchPolicy(Protocol):
             queued: tasks waiting.
             oldest_enqueued_s: monotonic time the oldest waiting task was queued, or None.
             busy: whether the model is running a batch right now.
+            next_deadline_s: the earliest task deadline in the queue (monotonic seconds), or None.
         """
         ...
 
@@ -75,16 +79,19 @@ class FixedBatchPolicy:
         Raises:
             ValueError: ``max_batch_size`` < 1 or ``max_wait_s`` < 0.
         """
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_s is not None and not max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         if max_batch_size is not None:
-            if max_batch_size < 1:
-                raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
             self.max_batch_size = int(max_batch_size)
         if max_wait_s is not None:
-            if not max_wait_s >= 0:
-                raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
             self.max_wait_s = float(max_wait_s)
 
-    def decide(self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool) -> BatchDecision:
+    def decide(
+        self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
+        next_deadline_s: float | None = None,
+    ) -> BatchDecision:
         if queued <= 0 or oldest_enqueued_s is None:
             return BatchDecision(0, None)
         if queued >= self.max_batch_size:

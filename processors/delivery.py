@@ -112,6 +112,7 @@ class InFlightLimiter:
             raise ValueError(f"limit must be >= 1, got {limit}")
         self.limit = limit
         self._count = 0
+        self._reserved = 0  # slots promised to woken waiters that have not resumed yet
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[asyncio.Future[None]] = []
 
@@ -120,42 +121,44 @@ class InFlightLimiter:
         return self._count
 
     async def acquire(self) -> None:
-        """Wait for a free slot and take it."""
-        while self._count >= self.limit or self._waiters:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                if fut in self._waiters:
-                    self._waiters.remove(fut)
+        """Wait for a free slot and take it (first come, first served)."""
+        if not self._waiters and self._count + self._reserved < self.limit:
+            self._count += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except BaseException:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+            elif fut.done() and not fut.cancelled():
+                self._reserved -= 1  # woken, then cancelled: hand the slot on
                 self._wake()
-                raise
-            if self._count < self.limit:
-                break
+            raise
+        self._reserved -= 1
         self._count += 1
 
     def release(self, n: int = 1) -> None:
         """Free ``n`` slots (tasks whose result or dead letter was acknowledged)."""
         self._count = max(0, self._count - n)
         self._wake()
-        if self._count == 0:
+        if self._count == 0 and self._reserved == 0:
             idle, self._idle = self._idle, []
             for fut in idle:
                 if not fut.done():
                     fut.set_result(None)
 
     def _wake(self) -> None:
-        free = self.limit - self._count
-        while free > 0 and self._waiters:
+        while self._waiters and self._count + self._reserved < self.limit:
             fut = self._waiters.popleft()
             if not fut.done():
+                self._reserved += 1
                 fut.set_result(None)
-                free -= 1
 
     async def wait_idle(self) -> None:
         """Wait until nothing is in flight."""
-        if self._count == 0:
+        if self._count == 0 and self._reserved == 0:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._idle.append(fut)

@@ -18,7 +18,9 @@ import faust
 from mode import Service
 
 from autoglm.config import Settings
-from autoglm.processors.batching import BatchPolicy, FixedBatchPolicy
+from autoglm.processors.adaptive import AdaptiveBatchPolicy
+from autoglm.processors.batching import BatchPolicy
+from autoglm.processors.metrics import BatchMetrics, PrometheusMetrics
 from autoglm.streams.pipeline import TaskPipeline
 from autoglm.streams.topics import TopicNames
 
@@ -86,8 +88,18 @@ def build_worker_app(
     app = faust.App(settings.consumer_group, **faust_settings(settings))
     if policies is None:
         policies = {
-            name: FixedBatchPolicy(settings.max_batch_size, settings.max_wait_s) for name in runners
+            name: AdaptiveBatchPolicy(settings.latency_target_s, settings.max_batch_size, settings.max_wait_s,
+                                      mode=settings.batching_mode)
+            for name in runners
         }
+    metrics: BatchMetrics = BatchMetrics()
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        prom = PrometheusMetrics()
+        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=prom.registry)
+        log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
+        metrics = prom
 
     async def send(topic: str, key: bytes | None, value: bytes | None, headers: list) -> Any:
         return await app.producer.send(topic, key, value, None, None, headers)
@@ -107,6 +119,7 @@ def build_worker_app(
         ack=ack,
         max_in_flight=settings.max_in_flight,
         on_fatal=on_fatal,
+        metrics=metrics,
     )
     task_topic = app.topic(
         *[names.tasks(m) for m in runners],

@@ -122,7 +122,10 @@ def decode_tensor(obj: Any, *, field: str = "inputs") -> np.ndarray:
             f"{expected_bytes} bytes for {dtype_name} {tuple(shape)}",
             f"{len(raw)} bytes",
         )
-    arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    try:
+        arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    except ValueError:  # e.g. an empty shape with an absurd dimension
+        raise TensorError(f"{field}.shape", "a shape numpy can hold", shape) from None
     arr = arr.astype(dtype.newbyteorder("="), copy=True)
     _check_finite(arr, field)
     return arr

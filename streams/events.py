@@ -149,8 +149,8 @@ def decode_task(raw: bytes | bytearray | memoryview | str | None) -> Task:
             each carries ``task_id`` and ``model`` when those could be read.
     """
     doc = _load_object(raw)
-    task_id = doc.get("id") if isinstance(doc.get("id"), str) else None
-    model = doc.get("model") if isinstance(doc.get("model"), str) else None
+    task_id = _readable(doc.get("id"))
+    model = _readable(doc.get("model"))
     try:
         _check_schema(doc, "task")
         tid = _req_str(doc, "id", max_len=MAX_ID_CHARS)
@@ -234,9 +234,9 @@ def decode_result(raw: bytes | bytearray | memoryview | str | None) -> Result:
         error=None if not isinstance(err, dict) else ErrorInfo(str(err.get("code")), str(err.get("message"))),
         batch_size=_opt_int(doc, "batch_size", default=0),
         worker=str(doc.get("worker", "")),
-        queue_ms=float(doc.get("queue_ms", 0.0)),
-        inference_ms=float(doc.get("inference_ms", 0.0)),
-        end_to_end_ms=float(doc.get("end_to_end_ms", 0.0)),
+        queue_ms=_opt_float(doc, "queue_ms"),
+        inference_ms=_opt_float(doc, "inference_ms"),
+        end_to_end_ms=_opt_float(doc, "end_to_end_ms"),
         attributes=_opt_str_map(doc, "attributes"),
         served_by=doc.get("served_by") or doc.get("model"),
     )
@@ -271,15 +271,17 @@ def decode_control(raw: bytes | bytearray | memoryview | str | None) -> ControlE
     if command not in CONTROL_COMMANDS:
         raise EventValidationError("command", f"one of {CONTROL_COMMANDS}", command)
     target = doc.get("target") or {}
-    if not isinstance(target, dict) or not all(k in ("model", "worker") for k in target):
-        raise EventValidationError("target", "an object with optional 'model' and 'worker'", target)
+    if not isinstance(target, dict) or not all(
+        k in ("model", "worker") and isinstance(v, str) for k, v in target.items()
+    ):
+        raise EventValidationError("target", "an object with optional string 'model' and 'worker'", target)
     params = doc.get("params") or {}
     if not isinstance(params, dict):
         raise EventValidationError("params", "an object", params)
     return ControlEvent(
         id=_req_str(doc, "id", max_len=MAX_ID_CHARS),
         command=command,
-        target={k: str(v) for k, v in target.items()},
+        target=dict(target),
         params=params,
         issued_ms=_opt_epoch_ms(doc, "issued_ms") or 0,
     )
@@ -326,6 +328,13 @@ def _opt_int(doc: dict[str, Any], name: str, *, default: int) -> int:
     return value
 
 
+def _opt_float(doc: dict[str, Any], name: str) -> float:
+    value = doc.get(name, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EventValidationError(name, "a number", value)
+    return float(value)
+
+
 def _opt_epoch_ms(doc: dict[str, Any], name: str) -> int | None:
     value = doc.get(name)
     if value is None:
@@ -351,6 +360,11 @@ def _opt_str_map(doc: dict[str, Any], name: str) -> dict[str, str]:
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise EventValidationError(name, "an object of string values", value)
     return value
+
+
+def _readable(value: Any) -> str | None:
+    """A field usable as a result key even when the event is rejected, else None."""
+    return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS else None
 
 
 def _shown(value: Any) -> Any:

@@ -29,10 +29,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Hashable, Mapping
 
-from autoglm.errors import EventError, InferenceError, TensorError, UnknownModelError
-from autoglm.processors.batcher import MicroBatcher, Queued
+from autoglm.errors import EventError, ModelError, TensorError, UnknownModelError
+from autoglm.processors.batcher import MicroBatcher
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.delivery import InFlightLimiter, OffsetTracker
+from autoglm.processors.metrics import BatchMetrics
+from autoglm.processors.queue import QueuedTask
 from autoglm.streams.codec import loads
 from autoglm.streams.events import TOPIC_NAME_RE, ErrorInfo, Result, Task, decode_task, encode_result, now_ms
 from autoglm.streams.topics import TopicNames
@@ -70,6 +72,7 @@ class PipelineCounters:
     received: int = 0
     results_ok: int = 0
     results_error: int = 0
+    results_expired: int = 0
     dead_letters: int = 0
     batches: int = 0
 
@@ -88,6 +91,7 @@ class TaskPipeline:
         max_in_flight: tasks between receipt and acknowledgement (memory bound).
         on_fatal: called with the exception when a result cannot be delivered
             (the worker must stop so that the task is consumed again).
+        metrics: batching metrics (default: records nothing).
         clock: monotonic seconds.
     """
 
@@ -102,6 +106,7 @@ class TaskPipeline:
         ack: AckFn,
         max_in_flight: int,
         on_fatal: Callable[[BaseException], None] | None = None,
+        metrics: BatchMetrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.names = names
@@ -112,11 +117,13 @@ class TaskPipeline:
         self._ack = ack
         self._on_fatal = on_fatal or (lambda exc: None)
         self.clock = clock
+        self.metrics = metrics or BatchMetrics()
         self.limiter = InFlightLimiter(max_in_flight)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.counters = PipelineCounters()
         self.batchers: dict[str, MicroBatcher[Pending]] = {
-            name: MicroBatcher(self._batch_handler(name), self.policies[name], clock=clock, name=f"batcher-{name}")
+            name: MicroBatcher(self._batch_handler(name), self.policies[name], on_expired=self._on_expired,
+                               clock=clock, name=f"batcher-{name}")
             for name in self.runners
         }
         self._background: set[asyncio.Task] = set()
@@ -155,7 +162,12 @@ class TaskPipeline:
         """Take one consumed task record. Waits while the in-flight cap is reached (backpressure)."""
         await self.limiter.acquire()
         tp = (topic, partition)
-        self.tracker.received(tp, offset, token)
+        try:
+            self.tracker.received(tp, offset, token)
+        except ValueError:  # already in flight here (redelivered without a revoke): serve it once
+            self.limiter.release()
+            log.warning("skipping %s offset %d: already in flight", tp, offset)
+            return
         self.counters.received += 1
         received_s, received_ms = self.clock(), now_ms()
         try:
@@ -181,12 +193,51 @@ class TaskPipeline:
         except EventError as exc:
             self._spawn(self._dead_letter(tp, offset, key, value, exc, reply_to=_reply_to(value, exc)))
             return
-        self.batchers[model].put(Pending(task, prepared, tp, offset, received_s, received_ms))
+        pending = Pending(task, prepared, tp, offset, received_s, received_ms)
+        deadline_s = None
+        if task.deadline_ms is not None:
+            deadline_s = received_s + (task.deadline_ms - received_ms) / 1000.0
+            if deadline_s <= received_s:  # already past its deadline: never reaches the model
+                self._on_expired([QueuedTask(pending, received_s, deadline_s)])
+                return
+        self.batchers[model].put(pending, priority=task.priority, deadline_s=deadline_s)
+
+    def configure(self, model: str | None = None, **params: Any) -> list[str]:
+        """Re-tune the batching of one model (or all): ``latency_target_s``, ``max_batch_size``,
+        ``max_wait_s``, ``mode``. Returns the models changed.
+
+        Raises:
+            KeyError: ``model`` is not served here.
+            ValueError: a value is out of range (nothing is changed).
+        """
+        names = [model] if model is not None else list(self.policies)
+        for name in names:
+            if name not in self.policies:
+                raise KeyError(f"model {name!r} is not served by this worker")
+        for name in names:
+            self.policies[name].configure(**params)
+        return names
+
+    def _on_expired(self, expired: list[QueuedTask[Pending]]) -> None:
+        """Answer tasks whose deadline passed before they reached the model: ``expired`` results."""
+        now_wall = now_ms()
+        batch = [q.item for q in expired]
+        results = [
+            Result(
+                id=p.task.id, model=p.task.model, status="expired",
+                error=ErrorInfo("deadline", f"deadline_ms {p.task.deadline_ms} passed before the task was served"),
+                worker=self.worker_id, queue_ms=(self.clock() - p.received_s) * 1000.0,
+                end_to_end_ms=float(max(0, now_wall - (p.task.created_ms or p.received_ms))),
+                attributes=p.task.attributes,
+            )
+            for p in batch
+        ]
+        self._spawn(self._deliver(batch, results))
 
     # -- batches --------------------------------------------------------------
 
-    def _batch_handler(self, model: str) -> Callable[[list[Queued[Pending]]], Awaitable[None]]:
-        async def handle(batch: list[Queued[Pending]]) -> None:
+    def _batch_handler(self, model: str) -> Callable[[list[QueuedTask[Pending]]], Awaitable[None]]:
+        async def handle(batch: list[QueuedTask[Pending]]) -> None:
             await self._run_batch(model, [q.item for q in batch])
 
         return handle
@@ -198,7 +249,7 @@ class TaskPipeline:
         error: ErrorInfo | None = None
         try:
             outputs = await runner.run([p.prepared for p in batch])
-        except InferenceError as exc:
+        except ModelError as exc:
             log.error("model %s failed on a batch of %d: %s", model, len(batch), exc)
             error = ErrorInfo(exc.code, str(exc))
         inference_s = self.clock() - start_s
@@ -221,13 +272,18 @@ class TaskPipeline:
                     attributes=p.task.attributes,
                 )
             )
-        self.policies[model].observe(
-            self.clock(), len(batch), inference_s, [r.end_to_end_ms / 1000.0 for r in results]
-        )
+        policy = self.policies[model]
+        policy.observe(self.clock(), len(batch), inference_s, [r.end_to_end_ms / 1000.0 for r in results])
+        self.metrics.observe_batch(model, len(batch), inference_s, [start_s - p.received_s for p in batch])
+        service = getattr(policy, "service", None)
+        if service is not None:
+            est = service.estimate
+            self.metrics.set_policy_state(model, a_s=est.a_s, b_s=est.b_s, sigma_s=est.sigma_s,
+                                          target_size=policy.last_target_size, correction=policy.correction)
         self._spawn(self._deliver(batch, results))
 
     async def _deliver(self, batch: list[Pending], results: list[Result]) -> None:
-        acks = []
+        records: list[tuple[str, bytes | None, bytes | None, Headers]] = []
         for pending, result in zip(batch, results):
             try:
                 value = encode_result(result)
@@ -236,16 +292,20 @@ class TaskPipeline:
                 value = encode_result(result)
             if result.status == "ok":
                 self.counters.results_ok += 1
+            elif result.status == "expired":
+                self.counters.results_expired += 1
             else:
                 self.counters.results_error += 1
+            self.metrics.count_tasks(result.model, result.status)
             topic = pending.task.reply_to or self.names.results
-            acks.append(await self._send(topic, result.id.encode(), value, []))
-        await self._settle(acks, [(p.partition, p.offset) for p in batch])
+            records.append((topic, result.id.encode(), value, []))
+        await self._settle(records, [(p.partition, p.offset) for p in batch])
 
     async def _dead_letter(
         self, tp: Hashable, offset: int, key: bytes | None, value: bytes | None, exc: EventError, reply_to: str | None
     ) -> None:
         self.counters.dead_letters += 1
+        self.metrics.count_tasks(exc.model or "unknown", "rejected")
         log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
         topic, partition = tp if isinstance(tp, tuple) else (str(tp), -1)
         headers: Headers = [
@@ -256,7 +316,7 @@ class TaskPipeline:
             (DLQ_HEADER_OFFSET, str(offset).encode()),
             (DLQ_HEADER_WORKER, self.worker_id.encode()),
         ]
-        acks = [await self._send(self.names.dlq, key, value, headers)]
+        records: list[tuple[str, bytes | None, bytes | None, Headers]] = [(self.names.dlq, key, value, headers)]
         if exc.task_id:
             rejected = Result(
                 id=exc.task_id,
@@ -265,15 +325,20 @@ class TaskPipeline:
                 error=ErrorInfo(exc.code, str(exc)),
                 worker=self.worker_id,
             )
-            acks.append(await self._send(reply_to or self.names.results, exc.task_id.encode(), encode_result(rejected), []))
-        await self._settle(acks, [(tp, offset)])
+            records.append((reply_to or self.names.results, exc.task_id.encode(), encode_result(rejected), []))
+        await self._settle(records, [(tp, offset)])
 
-    async def _settle(self, acks: list[Awaitable[Any]], offsets: list[tuple[Hashable, int]]) -> None:
-        """Wait for the broker's acks, then release the offsets in order and free the in-flight slots."""
+    async def _settle(
+        self, records: list[tuple[str, bytes | None, bytes | None, Headers]], offsets: list[tuple[Hashable, int]]
+    ) -> None:
+        """Produce ``records``, wait for the broker's acks, then release the offsets in order and
+        free the in-flight slots. A record that cannot be delivered is fatal: its task must not be
+        committed, so the worker stops and the task is consumed again."""
         try:
+            acks = [await self._send(topic, key, value, headers) for topic, key, value, headers in records]
             await asyncio.gather(*acks)
-        except Exception as exc:  # a result that cannot be delivered must not be committed
-            log.critical("could not deliver %d records; stopping so they are consumed again: %r", len(acks), exc)
+        except Exception as exc:
+            log.critical("could not deliver %d records; stopping so they are consumed again: %r", len(records), exc)
             self._on_fatal(exc)
             return
         for tp, offset in offsets:

@@ -1,0 +1,226 @@
+"""Adaptive micro-batching: batch size from EWMA latency feedback against a latency target.
+
+The policy keeps two pieces of state, both updated after every batch:
+
+1. **A service-time model** ``t(n) = a + b*n`` (a fixed cost per batch plus a
+   cost per task), fitted by exponentially weighted least squares over the
+   recent batches (``alpha = 0.2``), and an EWMA of the squared residual, its
+   spread ``sigma``. Planning uses the pessimistic ``t(n) + k*sigma`` with
+   ``k = 2`` (about the 98th percentile of a normal residual).
+2. **A feedback correction** ``c`` in [0.25, 1] on the latency target: the
+   EWMA (``alpha = 0.2``) of each batch's worst end-to-end latency is compared
+   with ``latency_target_s``, and ``c`` is multiplied by
+   ``(target / observed) ** 0.5``, clamped to a change of at most 20 % per
+   batch. This absorbs what the service-time model cannot see (time in Kafka
+   before the task reached the worker, result publication).
+
+Decision (when the model is idle; the batcher never forms a batch while it is busy):
+
+- ``budget = c * latency_target_s - age(oldest queued) - k*sigma``, further
+  limited by the earliest queued deadline;
+- the target size is the largest ``n`` with ``a + b*n <= budget`` (at least 1,
+  at most ``max_batch_size``): the largest batch whose expected completion
+  keeps the oldest task inside its target;
+- when even one task cannot make it (``budget < t(1)``: overload), it takes
+  ``max_batch_size`` tasks, the throughput-optimal choice, to drain the backlog;
+- it flushes **at once** with ``min(queued, target)`` tasks: with an idle model
+  a lone task never waits (no fixed delay penalty at low load); under load the
+  queue fills while the model runs, so batches grow with the arrival rate.
+
+Convergence and damping: with ``alpha = 0.2`` the weight of observations older
+than ``k`` batches is ``0.8**k``: after a step change in load the estimates are
+within 11 % of the new regime after 10 batches and within 1 % after 21. The
+correction moves by at most 20 % per batch and by the square root of the error
+ratio (a damped, under-relaxed multiplicative controller), so it approaches the
+target from one side instead of oscillating around it. These choices follow the
+AIMD/feedback batching of Clipper (Crankshaw et al., NSDI 2017, section 4.3),
+replacing its additive probing with a fitted cost model.
+
+Pure: no I/O, no clock; ``now_s`` is passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from autoglm.processors.batching import BatchDecision
+
+#: EWMA smoothing of the cost model and of the latency feedback (effective span ~ 9 batches).
+DEFAULT_ALPHA = 0.2
+#: Residual spread multiplier used when planning (about p98 of a normal residual).
+SIGMA_K = 2.0
+#: Exponent of the multiplicative correction (under-relaxation).
+FEEDBACK_GAIN = 0.5
+#: Largest relative change of the correction per batch.
+FEEDBACK_MAX_STEP = 0.2
+CORRECTION_MIN = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceEstimate:
+    """The fitted service time ``a_s + b_s * n`` (seconds) and its residual spread ``sigma_s``."""
+
+    a_s: float
+    b_s: float
+    sigma_s: float
+
+    def predict_s(self, n: int) -> float:
+        return self.a_s + self.b_s * n
+
+
+class ServiceTimeModel:
+    """Exponentially weighted least squares of batch service time on batch size.
+
+    Args:
+        alpha: weight of the newest batch, in (0, 1].
+        prior_a_s: fixed cost assumed before any observation (seconds).
+        prior_b_s: per-task cost assumed before any observation (seconds).
+    """
+
+    def __init__(self, alpha: float = DEFAULT_ALPHA, prior_a_s: float = 0.002, prior_b_s: float = 0.001):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._w = 0.0
+        self._sn = self._st = self._snn = self._snt = 0.0
+        self._a, self._b = prior_a_s, prior_b_s
+        self._var = 0.0
+        self.observations = 0
+
+    @property
+    def estimate(self) -> ServiceEstimate:
+        return ServiceEstimate(self._a, self._b, math.sqrt(self._var))
+
+    def observe(self, n: int, t_s: float) -> None:
+        """Add one batch of ``n`` tasks that took ``t_s`` seconds."""
+        if n <= 0 or not math.isfinite(t_s) or t_s < 0:
+            return
+        residual = t_s - (self._a + self._b * n)
+        keep = 1.0 - self.alpha
+        self._var = residual * residual if self.observations == 0 else keep * self._var + self.alpha * residual**2
+        self._w = keep * self._w + self.alpha
+        self._sn = keep * self._sn + self.alpha * n
+        self._st = keep * self._st + self.alpha * t_s
+        self._snn = keep * self._snn + self.alpha * n * n
+        self._snt = keep * self._snt + self.alpha * n * t_s
+        self.observations += 1
+        mean_n, mean_t = self._sn / self._w, self._st / self._w
+        var_n = self._snn / self._w - mean_n**2
+        if var_n > 0.25:  # sizes vary enough to separate the fixed and per-task cost
+            b = (self._snt / self._w - mean_n * mean_t) / var_n
+            self._b = max(b, 1e-7)
+        # otherwise keep the per-task cost, re-fit the fixed cost to the mean
+        self._a = max(mean_t - self._b * mean_n, 0.0)
+
+
+class AdaptiveBatchPolicy:
+    """Batch size from latency feedback against ``latency_target_s`` (p99 end-to-end).
+
+    Args:
+        latency_target_s: the latency SLO per task, seconds (> 0).
+        max_batch_size: upper bound on tasks per batch (>= 1).
+        max_wait_s: upper bound on how long a batch may wait for more tasks
+            after its first; the adaptive mode never waits with an idle model,
+            so it only matters in ``fixed`` mode.
+        mode: ``"adaptive"`` or ``"fixed"`` (``max_batch_size``/``max_wait_s``
+            as in :class:`~autoglm.processors.batching.FixedBatchPolicy`).
+        alpha: EWMA smoothing (see the module docstring).
+
+    Raises:
+        ValueError: a parameter is out of range.
+    """
+
+    def __init__(
+        self,
+        latency_target_s: float = 0.100,
+        max_batch_size: int = 64,
+        max_wait_s: float = 0.010,
+        *,
+        mode: str = "adaptive",
+        alpha: float = DEFAULT_ALPHA,
+    ):
+        self.service = ServiceTimeModel(alpha)
+        self.alpha = alpha
+        self.correction = 1.0
+        self.latency_ewma_s: float | None = None
+        self.last_target_size = 1
+        self.configure(latency_target_s=latency_target_s, max_batch_size=max_batch_size,
+                       max_wait_s=max_wait_s, mode=mode)
+
+    def configure(
+        self,
+        *,
+        latency_target_s: float | None = None,
+        max_batch_size: int | None = None,
+        max_wait_s: float | None = None,
+        mode: str | None = None,
+    ) -> None:
+        """Re-tune while running; unchanged parameters are left alone.
+
+        Raises:
+            ValueError: a value is out of range; nothing is changed then.
+        """
+        target = self.latency_target_s if latency_target_s is None else float(latency_target_s)
+        size = self.max_batch_size if max_batch_size is None else int(max_batch_size)
+        wait = self.max_wait_s if max_wait_s is None else float(max_wait_s)
+        new_mode = self.mode if mode is None else mode
+        if not target > 0:
+            raise ValueError(f"latency_target_s must be > 0, got {latency_target_s}")
+        if size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not wait >= 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if new_mode not in ("adaptive", "fixed"):
+            raise ValueError(f"mode must be 'adaptive' or 'fixed', got {mode!r}")
+        if latency_target_s is not None and hasattr(self, "latency_target_s") and target != self.latency_target_s:
+            self.correction = 1.0  # a new target: start the feedback afresh
+            self.latency_ewma_s = None
+        self.latency_target_s, self.max_batch_size, self.max_wait_s, self.mode = target, size, wait, new_mode
+
+    # -- the BatchPolicy seam ---------------------------------------------------
+
+    def target_size(self, now_s: float, oldest_enqueued_s: float, next_deadline_s: float | None = None) -> int:
+        """Largest batch whose expected completion keeps the oldest task inside its target."""
+        est = self.service.estimate
+        slack = SIGMA_K * est.sigma_s
+        budget = self.correction * self.latency_target_s - (now_s - oldest_enqueued_s) - slack
+        if next_deadline_s is not None:
+            budget = min(budget, next_deadline_s - now_s - slack)
+        if budget < est.predict_s(1):
+            size = self.max_batch_size  # overloaded: maximise throughput to drain the backlog
+        else:
+            size = int((budget - est.a_s) / est.b_s) if est.b_s > 0 else self.max_batch_size
+            size = max(1, min(size, self.max_batch_size))
+        self.last_target_size = size
+        return size
+
+    def decide(
+        self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
+        next_deadline_s: float | None = None,
+    ) -> BatchDecision:
+        if queued <= 0 or oldest_enqueued_s is None:
+            return BatchDecision(0, None)
+        if self.mode == "fixed":
+            if queued >= self.max_batch_size:
+                return BatchDecision(self.max_batch_size, now_s)
+            return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s)
+        size = self.target_size(now_s, oldest_enqueued_s, next_deadline_s)
+        return BatchDecision(min(queued, size), now_s)
+
+    def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
+        """Update the cost model with the batch's service time and the feedback with its latencies."""
+        self.service.observe(batch_size, inference_s)
+        if not latencies_s:
+            return
+        worst = max(latencies_s)
+        if self.latency_ewma_s is None:
+            self.latency_ewma_s = worst
+        else:
+            self.latency_ewma_s = (1 - self.alpha) * self.latency_ewma_s + self.alpha * worst
+        if self.latency_ewma_s <= 0:
+            return
+        ratio = (self.latency_target_s / self.latency_ewma_s) ** FEEDBACK_GAIN
+        ratio = min(max(ratio, 1 - FEEDBACK_MAX_STEP), 1 + FEEDBACK_MAX_STEP)
+        self.correction = min(1.0, max(CORRECTION_MIN, self.correction * ratio))

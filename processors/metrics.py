@@ -1,0 +1,81 @@
+"""Batching metrics behind one small interface, with a no-op implementation (faust's sensor pattern).
+
+Prometheus names (per model label):
+
+- ``autoglm_batch_size`` histogram: tasks per micro-batch (Triton has no batch size histogram);
+- ``autoglm_queue_wait_seconds`` histogram: time from receipt to the start of the forward;
+- ``autoglm_inference_seconds`` histogram: duration of the batched forward;
+- ``autoglm_tasks_total{status}`` counter: results by status (ok, error, expired, rejected);
+- ``autoglm_service_fixed_seconds``, ``autoglm_service_per_task_seconds``,
+  ``autoglm_service_spread_seconds`` gauges: the EWMA cost model ``a + b*n`` and its spread;
+- ``autoglm_batch_target_size`` gauge: the adaptive policy's current target size;
+- ``autoglm_latency_correction`` gauge: the feedback correction on the latency target.
+
+Registries are per instance (no module globals), so two workers in one
+process, or tests, never collide.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class BatchMetrics:
+    """The interface; this base class records nothing."""
+
+    def observe_batch(self, model: str, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None:
+        """One batch: its size, forward seconds, and each task's queue wait in seconds."""
+
+    def count_tasks(self, model: str, status: str, n: int = 1) -> None:
+        """``n`` results of ``status`` for ``model``."""
+
+    def set_policy_state(self, model: str, *, a_s: float, b_s: float, sigma_s: float, target_size: int,
+                         correction: float) -> None:
+        """The policy's current estimates (seconds) and target size."""
+
+
+NoopMetrics = BatchMetrics
+
+
+class PrometheusMetrics(BatchMetrics):
+    """Records into its own ``prometheus_client.CollectorRegistry`` (``self.registry``)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.batch_size = Histogram("autoglm_batch_size", "Tasks per micro-batch", ["model"],
+                                    buckets=_SIZE_BUCKETS, registry=r)
+        self.queue_wait = Histogram("autoglm_queue_wait_seconds", "Receipt to forward start", ["model"],
+                                    buckets=_TIME_BUCKETS, registry=r)
+        self.inference = Histogram("autoglm_inference_seconds", "Batched forward duration", ["model"],
+                                   buckets=_TIME_BUCKETS, registry=r)
+        self.tasks = Counter("autoglm_tasks", "Results by status", ["model", "status"], registry=r)
+        self.fixed = Gauge("autoglm_service_fixed_seconds", "EWMA fixed cost per batch", ["model"], registry=r)
+        self.per_task = Gauge("autoglm_service_per_task_seconds", "EWMA cost per task", ["model"], registry=r)
+        self.spread = Gauge("autoglm_service_spread_seconds", "EWMA residual spread", ["model"], registry=r)
+        self.target = Gauge("autoglm_batch_target_size", "Adaptive target batch size", ["model"], registry=r)
+        self.correction = Gauge("autoglm_latency_correction", "Feedback correction on the target", ["model"],
+                                registry=r)
+
+    def observe_batch(self, model: str, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.inference.labels(model).observe(inference_s)
+        wait = self.queue_wait.labels(model)
+        for w in queue_waits_s:
+            wait.observe(w)
+
+    def count_tasks(self, model: str, status: str, n: int = 1) -> None:
+        self.tasks.labels(model, status).inc(n)
+
+    def set_policy_state(self, model: str, *, a_s: float, b_s: float, sigma_s: float, target_size: int,
+                         correction: float) -> None:
+        self.fixed.labels(model).set(a_s)
+        self.per_task.labels(model).set(b_s)
+        self.spread.labels(model).set(sigma_s)
+        self.target.labels(model).set(target_size)
+        self.correction.labels(model).set(correction)

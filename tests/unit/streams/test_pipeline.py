@@ -1,0 +1,480 @@
+"""Unit tests of the per-record path (streams/pipeline.py) with fakes: no broker, no model thread.
+
+The pipeline knows Kafka only through ``send`` and ``ack``; here ``send``
+records what would be produced and returns a future the test completes (the
+broker's acknowledgement), and ``ack`` records tokens (the consumer's commit).
+The clock is a constant and the policy never waits (``max_wait_s=0``), so
+nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import orjson
+import pytest
+
+from autoglm.errors import BrokerError, InputSignatureError
+from autoglm.models.base import InferenceModel, Signature
+from autoglm.processors.batching import FixedBatchPolicy
+from autoglm.streams.events import Result, Task, decode_result, encode_task
+from autoglm.streams.pipeline import (
+    DLQ_HEADER_CODE,
+    DLQ_HEADER_MESSAGE,
+    DLQ_HEADER_OFFSET,
+    DLQ_HEADER_PARTITION,
+    DLQ_HEADER_TOPIC,
+    TaskPipeline,
+)
+from autoglm.streams.topics import TopicNames
+
+TOPIC = "t.tasks.toy"
+RESULTS = "t.results"
+DLQ = "t.dlq"
+
+
+# -- fakes ----------------------------------------------------------------------------
+
+
+class ToyModel(InferenceModel):
+    """Doubles float32 rows of 4: inputs ``float32 (B, 4)`` -> outputs ``float32 (B, 4)``."""
+
+    name = "toy"
+    signature = Signature(input_kind="tensor", input="float32 (B, 4)", output="float32 (B, 4)", output_dim=4)
+
+    def load(self, device: str) -> None:
+        self.device = device
+
+    def prepare(self, inputs: Any) -> np.ndarray:
+        if not isinstance(inputs, np.ndarray):
+            raise InputSignatureError(self.signature.input, f"text x{len(inputs)}")
+        if inputs.dtype != np.float32 or inputs.ndim != 2 or inputs.shape[1] != 4:
+            raise InputSignatureError(self.signature.input, f"{inputs.dtype} {inputs.shape}")
+        return inputs
+
+    def collate(self, items: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate(items, axis=0)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return (batch * 2).astype(np.float32)
+
+
+class FakeRunner:
+    """What the pipeline needs of a ModelRunner: ``.model`` and ``async run(items)``."""
+
+    def __init__(self) -> None:
+        self.model = ToyModel()
+        self.batch_sizes: list[int] = []
+
+    async def run(self, items: Sequence[np.ndarray]) -> list[np.ndarray]:
+        self.batch_sizes.append(len(items))
+        out = self.model.forward(self.model.collate(items))
+        return np.split(out, np.cumsum([len(i) for i in items])[:-1], axis=0)
+
+
+@dataclass
+class Sent:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    ack: asyncio.Future
+
+    @property
+    def header_map(self) -> dict[str, bytes]:
+        return dict(self.headers)
+
+    def result(self) -> Result:
+        return decode_result(self.value)
+
+
+@dataclass
+class FakeBroker:
+    """``send`` records the record; its acknowledgement is a future, completed at once or by the test."""
+
+    auto_ack: bool = True
+    sent: list[Sent] = field(default_factory=list)
+    acked: list[Any] = field(default_factory=list)
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        if self.auto_ack:
+            fut.set_result(None)
+        self.sent.append(Sent(topic, key, value, list(headers), fut))
+        return fut
+
+    def ack(self, token: Any) -> None:
+        self.acked.append(token)
+
+    def on(self, topic: str) -> list[Sent]:
+        return [s for s in self.sent if s.topic == topic]
+
+    def results_by_id(self, topic: str = RESULTS) -> dict[str, Result]:
+        return {s.key.decode(): s.result() for s in self.on(topic)}
+
+    def dead_letter_at(self, offset: int) -> Sent:
+        (found,) = [s for s in self.on(DLQ) if s.header_map[DLQ_HEADER_OFFSET] == str(offset).encode()]
+        return found
+
+
+async def settle(times: int = 30) -> None:
+    """Let every ready task run (``asyncio.sleep(0)`` only yields)."""
+    for _ in range(times):
+        await asyncio.sleep(0)
+
+
+def make_pipeline(broker: FakeBroker, *, max_in_flight: int = 100, on_fatal: Any = None) -> tuple[TaskPipeline, FakeRunner]:
+    runner = FakeRunner()
+    pipeline = TaskPipeline(
+        names=TopicNames("t"),
+        worker_id="w-test",
+        runners={"toy": runner},
+        policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
+        send=broker.send,
+        ack=broker.ack,
+        max_in_flight=max_in_flight,
+        on_fatal=on_fatal,
+        clock=lambda: 100.0,
+    )
+    pipeline.start()
+    return pipeline, runner
+
+
+def rows(seed: int, n: int = 1) -> np.ndarray:
+    return (np.arange(n * 4, dtype=np.float32).reshape(n, 4) + seed * 10).astype(np.float32)
+
+
+def task_bytes(task_id: str, inputs: Any = None, **extra: Any) -> bytes:
+    if inputs is None:
+        inputs = rows(0)
+    return encode_task(Task(id=task_id, model=extra.pop("model", "toy"), inputs=inputs, **extra))
+
+
+def raw_task(**doc: Any) -> bytes:
+    base = {"schema": "autoglm.task/v1", "id": "x", "model": "toy", "inputs": [[0, 0, 0, 0]]}
+    base.update(doc)
+    return orjson.dumps(base)
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+async def test_valid_tasks_get_ok_results() -> None:
+    broker = FakeBroker()
+    pipeline, runner = make_pipeline(broker)
+    inputs = {"a": rows(1), "b": rows(2, n=2), "c": rows(3)}
+    for offset, (task_id, x) in enumerate(inputs.items()):
+        await pipeline.on_record(TOPIC, 0, offset, task_id.encode(), task_bytes(task_id, x), f"tok{offset}")
+    await pipeline.stop()
+
+    assert runner.batch_sizes == [3]
+    assert [s.topic for s in broker.sent] == [RESULTS] * 3
+    results = broker.results_by_id()
+    assert sorted(results) == ["a", "b", "c"]
+    for task_id, x in inputs.items():
+        r = results[task_id]
+        assert (r.id, r.model, r.status, r.error) == (task_id, "toy", "ok", None)
+        assert r.outputs.dtype == np.float32
+        assert np.array_equal(r.outputs, x * 2)
+        assert r.batch_size == 3
+        assert r.worker == "w-test"
+    assert all(s.headers == [] for s in broker.sent)
+    assert broker.acked == ["tok0", "tok1", "tok2"]
+    assert pipeline.counters.results_ok == 3 and pipeline.counters.dead_letters == 0
+    assert pipeline.limiter.in_flight == 0
+
+
+async def test_batches_are_capped_at_max_batch_size() -> None:
+    broker = FakeBroker()
+    pipeline, runner = make_pipeline(broker)
+    for offset in range(6):
+        await pipeline.on_record(TOPIC, 0, offset, None, task_bytes(f"t{offset}", rows(offset)), offset)
+    await pipeline.stop()
+    assert runner.batch_sizes == [4, 2]
+    sizes = {k: r.batch_size for k, r in broker.results_by_id().items()}
+    assert sizes == {"t0": 4, "t1": 4, "t2": 4, "t3": 4, "t4": 2, "t5": 2}
+    assert broker.acked == list(range(6))
+
+
+async def test_attributes_pass_through() -> None:
+    broker = FakeBroker()
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a", attributes={"user": "u1"}), 0)
+    await pipeline.stop()
+    assert broker.results_by_id()["a"].attributes == {"user": "u1"}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+async def test_non_finite_outputs_become_an_error_result() -> None:
+    broker = FakeBroker()
+    pipeline, _ = make_pipeline(broker)
+    huge = np.full((1, 4), 3e38, dtype=np.float32)  # doubled: inf in float32
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("big", huge), "t0")
+    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("fine", rows(1)), "t1")
+    await pipeline.stop()
+    results = broker.results_by_id()
+    assert results["big"].status == "error"
+    assert results["big"].outputs is None
+    assert results["big"].error.code == "invalid_output"
+    assert results["fine"].status == "ok"
+    assert broker.acked == ["t0", "t1"]
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+
+async def test_malformed_records_are_dead_lettered_and_the_rest_is_served() -> None:
+    broker = FakeBroker()
+    pipeline, runner = make_pipeline(broker)
+    records = [
+        (b"k0", task_bytes("a", rows(1))),                                   # ok
+        (b"k1", b"{not json"),                                               # decode
+        (b"k2", task_bytes("c", np.zeros((1, 3), np.float32))),              # wrong shape
+        (None, raw_task(id="d", schema="autoglm.task/v2")),                  # unknown schema
+        (b"k4", raw_task(id="e", model="other")),                            # another model's task
+        (b"k5", task_bytes("f", rows(5, n=2))),                              # ok
+    ]
+    for offset, (key, value) in enumerate(records):
+        await pipeline.on_record(TOPIC, 3, 100 + offset, key, value, 100 + offset)
+    await pipeline.stop()
+
+    expected_codes = {101: "decode", 102: "input_signature", 103: "schema", 104: "unknown_model"}
+    assert len(broker.on(DLQ)) == len(expected_codes)
+    for offset, code in expected_codes.items():
+        dead = broker.dead_letter_at(offset)
+        key, value = records[offset - 100]
+        assert dead.key == key and dead.value == value          # the original bytes, unchanged
+        headers = dead.header_map
+        assert headers[DLQ_HEADER_CODE] == code.encode()
+        assert headers[DLQ_HEADER_TOPIC] == TOPIC.encode()
+        assert headers[DLQ_HEADER_PARTITION] == b"3"
+        assert headers[DLQ_HEADER_MESSAGE]
+    assert b"float32 (B, 4)" in broker.dead_letter_at(102).header_map[DLQ_HEADER_MESSAGE]
+    assert b"v2" in broker.dead_letter_at(103).header_map[DLQ_HEADER_MESSAGE]
+    assert b"t.tasks.other" in broker.dead_letter_at(104).header_map[DLQ_HEADER_MESSAGE]
+
+    results = broker.results_by_id()
+    assert sorted(results) == ["a", "c", "d", "e", "f"]                # no id in the record at 101
+    for task_id, code in (("c", "input_signature"), ("d", "schema"), ("e", "unknown_model")):
+        assert results[task_id].status == "rejected"
+        assert results[task_id].error.code == code
+        assert results[task_id].outputs is None
+    assert results["e"].model == "other"
+    for task_id, x in (("a", rows(1)), ("f", rows(5, n=2))):
+        assert results[task_id].status == "ok"
+        assert np.array_equal(results[task_id].outputs, x * 2)
+        assert results[task_id].batch_size == 2
+    assert runner.batch_sizes == [2]
+    assert broker.acked == list(range(100, 106))
+    assert pipeline.counters.dead_letters == 4 and pipeline.counters.results_ok == 2
+
+
+async def test_tombstone_and_text_inputs_are_dead_lettered() -> None:
+    broker = FakeBroker()
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record(TOPIC, 0, 0, b"k", None, "t0")
+    await pipeline.on_record(TOPIC, 0, 1, None, raw_task(id="txt", inputs="hello"), "t1")
+    await pipeline.stop()
+    assert broker.dead_letter_at(0).value is None
+    assert broker.dead_letter_at(0).header_map[DLQ_HEADER_CODE] == b"decode"
+    assert broker.dead_letter_at(1).header_map[DLQ_HEADER_CODE] == b"input_signature"
+    assert list(broker.results_by_id()) == ["txt"]
+    assert broker.acked == ["t0", "t1"]
+
+
+async def test_task_for_a_model_not_served_here() -> None:
+    broker = FakeBroker()
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record("t.tasks.other", 0, 0, None, raw_task(id="o", model="other"), "t0")
+    await pipeline.stop()
+    dead = broker.dead_letter_at(0)
+    assert dead.header_map[DLQ_HEADER_CODE] == b"unknown_model"
+    assert dead.header_map[DLQ_HEADER_TOPIC] == b"t.tasks.other"
+    assert broker.results_by_id()["o"].status == "rejected"
+    assert broker.acked == ["t0"]
+
+
+# -- commit after produce -----------------------------------------------------------------
+
+
+async def test_commit_after_produce_in_offset_order() -> None:
+    broker = FakeBroker(auto_ack=False)
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "tok0")
+    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("b"), "tok1")
+    await pipeline.on_record(TOPIC, 0, 2, None, b"garbage", "tok2")
+    await settle()
+
+    result_a, result_b = broker.on(RESULTS)
+    (dead,) = broker.on(DLQ)
+    assert broker.acked == []                     # produced, not acknowledged: nothing committed
+
+    dead.ack.set_result(None)                     # the later offset is acknowledged first
+    await settle()
+    assert broker.acked == []                     # ... but 0 and 1 are still open
+
+    result_a.ack.set_result(None)
+    await settle()
+    assert broker.acked == []                     # a batch settles when all of its results are acknowledged
+
+    result_b.ack.set_result(None)
+    await settle()
+    assert broker.acked == ["tok0", "tok1", "tok2"]
+    assert pipeline.limiter.in_flight == 0
+    await pipeline.stop()
+
+
+async def test_dead_letter_commits_after_both_its_records_are_acknowledged() -> None:
+    broker = FakeBroker(auto_ack=False)
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record(TOPIC, 0, 7, None, task_bytes("bad", np.zeros((2, 5), np.float32)), "tok7")
+    await settle()
+    (dead,) = broker.on(DLQ)
+    (rejected,) = broker.on(RESULTS)
+    assert rejected.result().status == "rejected"
+    dead.ack.set_result(None)
+    await settle()
+    assert broker.acked == []
+    rejected.ack.set_result(None)
+    await settle()
+    assert broker.acked == ["tok7"]
+    await pipeline.stop()
+
+
+async def test_partitions_commit_independently() -> None:
+    broker = FakeBroker(auto_ack=False)
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record(TOPIC, 0, 0, None, b"bad-0", "p0-0")
+    await pipeline.on_record(TOPIC, 1, 0, None, b"bad-1", "p1-0")
+    await settle()
+    dead0, dead1 = broker.on(DLQ)
+    dead1.ack.set_result(None)
+    await settle()
+    assert broker.acked == ["p1-0"]
+    assert pipeline.limiter.in_flight == 1
+    dead0.ack.set_result(None)
+    await settle()
+    assert broker.acked == ["p1-0", "p0-0"]
+    await pipeline.stop()
+
+
+async def test_failed_delivery_is_fatal_and_never_committed() -> None:
+    broker = FakeBroker(auto_ack=False)
+    fatal: list[BaseException] = []
+    pipeline, _ = make_pipeline(broker, on_fatal=fatal.append)
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "tok0")
+    await settle()
+    (result,) = broker.on(RESULTS)
+    boom = BrokerError("not enough replicas")
+    result.ack.set_exception(boom)
+    await settle()
+    assert fatal == [boom]
+    assert broker.acked == []
+    await pipeline.stop(timeout_s=1.0)
+
+
+async def test_revoked_partition_is_not_committed() -> None:
+    broker = FakeBroker(auto_ack=False)
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record(TOPIC, 0, 0, None, b"bad", "tok0")
+    await settle()
+    pipeline.revoke([(TOPIC, 0)])
+    broker.on(DLQ)[0].ack.set_result(None)
+    await settle()
+    assert broker.acked == []            # the new owner re-reads it
+    assert pipeline.limiter.in_flight == 0
+    await pipeline.stop()
+
+
+# -- reply_to --------------------------------------------------------------------------------
+
+
+async def test_reply_to_routes_the_result() -> None:
+    broker = FakeBroker()
+    pipeline, _ = make_pipeline(broker)
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a", reply_to="client-1.replies"), "t0")
+    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("b"), "t1")
+    await pipeline.stop()
+    assert [s.key for s in broker.on("client-1.replies")] == [b"a"]
+    assert broker.on("client-1.replies")[0].result().status == "ok"
+    assert [s.key for s in broker.on(RESULTS)] == [b"b"]
+
+
+async def test_reply_to_routes_a_rejected_result_but_not_the_dead_letter() -> None:
+    broker = FakeBroker()
+    pipeline, _ = make_pipeline(broker)
+    bad = task_bytes("r", np.zeros((1, 3), np.float32), reply_to="client-1.replies")
+    await pipeline.on_record(TOPIC, 0, 0, b"k", bad, "t0")
+    await pipeline.on_record(TOPIC, 0, 1, None, raw_task(id="q", reply_to="no spaces allowed"), "t1")
+    await pipeline.stop()
+    assert broker.dead_letter_at(0).value == bad
+    assert broker.dead_letter_at(1).header_map[DLQ_HEADER_CODE] == b"invalid_field"
+    assert [s.result().status for s in broker.on("client-1.replies")] == ["rejected"]
+    # an unusable reply_to cannot be used for the rejection either
+    assert [s.key for s in broker.on(RESULTS)] == [b"q"]
+
+
+# -- backpressure ------------------------------------------------------------------------------
+
+
+async def test_backpressure_at_max_in_flight() -> None:
+    broker = FakeBroker(auto_ack=False)
+    pipeline, _ = make_pipeline(broker, max_in_flight=2)
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "tok0")
+    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("b"), "tok1")
+    third = asyncio.create_task(pipeline.on_record(TOPIC, 0, 2, None, task_bytes("c"), "tok2"))
+    await settle()
+    assert not third.done()
+    assert pipeline.limiter.in_flight == 2
+    assert [s.key for s in broker.sent] == [b"a", b"b"]     # c was not even received
+
+    for sent in broker.sent:
+        sent.ack.set_result(None)
+    await settle()
+    assert third.done()
+    assert broker.acked == ["tok0", "tok1"]
+    assert [s.key for s in broker.sent] == [b"a", b"b", b"c"]
+    broker.sent[-1].ack.set_result(None)
+    await pipeline.stop()
+    assert broker.acked == ["tok0", "tok1", "tok2"]
+
+
+# -- bugs ---------------------------------------------------------------------------------------
+
+
+async def test_impossible_tensor_shape_is_dead_lettered() -> None:
+    broker = FakeBroker()
+    pipeline, _ = make_pipeline(broker)
+    value = raw_task(id="h", inputs={"dtype": "float32", "shape": [0, 2**62], "data": ""})
+    try:
+        await pipeline.on_record(TOPIC, 0, 0, None, value, "t0")
+        await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("ok"), "t1")
+    finally:
+        await pipeline.stop(timeout_s=1.0)
+    assert broker.dead_letter_at(0).header_map[DLQ_HEADER_CODE] == b"invalid_tensor"
+    assert broker.acked == ["t0", "t1"]
+
+
+async def test_send_that_raises_is_fatal() -> None:
+    fatal: list[BaseException] = []
+    broker = FakeBroker()
+    boom = BrokerError("record too large")
+
+    async def send(topic: str, key: Any, value: Any, headers: list) -> asyncio.Future:
+        if topic == RESULTS:
+            raise boom
+        return await broker.send(topic, key, value, headers)
+
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
+        policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
+        send=send, ack=broker.ack, max_in_flight=10, on_fatal=fatal.append, clock=lambda: 100.0,
+    )
+    pipeline.start()
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "t0")
+    await pipeline.stop(timeout_s=1.0)
+    assert fatal == [boom]
+    assert broker.acked == []
