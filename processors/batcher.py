@@ -123,8 +123,10 @@ class MicroBatcher(Generic[T]):
             else:
                 self._running.cancel()
         if flush:
-            self._expire(self.clock())
-            while len(self._queue):
+            while True:
+                self._expire(self.clock())  # before every batch: a deadline may pass during the flush
+                if not len(self._queue):
+                    break
                 await self._call(self._queue.pop(self.policy.max_batch_size))
 
     async def _run(self) -> None:

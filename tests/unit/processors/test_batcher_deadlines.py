@@ -205,13 +205,6 @@ async def test_stop_with_flush_runs_the_queue_in_batches_on_fake_time() -> None:
     assert [(t, [q.item for q in b]) for t, b in handler.batches] == [(0.0, ["x"]), (1.0, ["y"])]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (processors/batcher.py:126-128, MicroBatcher.stop(flush=True)): expiry runs once before the "
-    "flush loop ('self._expire(self.clock())', then 'while len(self._queue): await self._call(...)'), "
-    "so a task whose deadline passes while an earlier flush batch runs still reaches the handler "
-    "after its deadline; the loop path re-expires before every batch.",
-)
 async def test_stop_with_flush_expires_tasks_whose_deadline_passes_during_the_flush() -> None:
     clock = JumpClock(0.0)
     handler = TimedHandler(clock, 1.0)
