@@ -22,8 +22,13 @@ Decision (when the model is idle; the batcher never forms a batch while it is bu
 - the target size is the largest ``n`` with ``a + b*n <= budget`` (at least 1,
   at most ``max_batch_size``): the largest batch whose expected completion
   keeps the oldest task inside its target;
-- when even one task cannot make it (``budget < t(1)``: overload), it takes
-  ``max_batch_size`` tasks, the throughput-optimal choice, to drain the backlog;
+- when even one task cannot make it (``budget < t(1)``: overload), it takes the
+  most efficient batch size seen, to drain the backlog at the highest
+  throughput: an EWMA of the service time per task is kept per power-of-two
+  size bucket; the best bucket is used, and every ``PROBE_EVERY``-th overload
+  batch probes its neighbour (half or double, alternately), a hill climb. Real
+  costs are not linear: on a CPU, a text model's padding makes 64-text batches
+  slower per text than 8-text ones;
 - it flushes **at once** with ``min(queued, target)`` tasks: with an idle model
   a lone task never waits (no fixed delay penalty at low load); under load the
   queue fills while the model runs, so batches grow with the arrival rate.
@@ -59,6 +64,8 @@ FEEDBACK_GAIN = 0.5
 #: Largest relative change of the correction per batch.
 FEEDBACK_MAX_STEP = 0.2
 CORRECTION_MIN = 0.25
+#: Under overload, one batch in this many probes a neighbouring size bucket.
+PROBE_EVERY = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +125,49 @@ class ServiceTimeModel:
         self._a = max(mean_t - self._b * mean_n, 0.0)
 
 
+class SizeEfficiency:
+    """EWMA of the service time per task for each power-of-two batch-size bucket.
+
+    Bucket ``k`` holds batches of ``2**k <= n < 2**(k+1)`` tasks.
+
+    Args:
+        alpha: EWMA weight of the newest batch of a bucket.
+    """
+
+    def __init__(self, alpha: float = DEFAULT_ALPHA):
+        self.alpha = alpha
+        self.per_task_s: dict[int, float] = {}
+
+    @staticmethod
+    def bucket(n: int) -> int:
+        return max(1, n).bit_length() - 1
+
+    def observe(self, n: int, t_s: float) -> None:
+        if n <= 0 or not math.isfinite(t_s) or t_s < 0:
+            return
+        k, v = self.bucket(n), t_s / n
+        old = self.per_task_s.get(k)
+        self.per_task_s[k] = v if old is None else (1 - self.alpha) * old + self.alpha * v
+
+    def best_size(self, max_batch_size: int, probe_round: int | None = None) -> int:
+        """The size of the most efficient bucket seen (``max_batch_size`` until that one is
+        seen); with ``probe_round`` set, its neighbour instead (half on even rounds, double on odd)."""
+        top = self.bucket(max_batch_size)
+
+        def size_of(k: int) -> int:
+            return max_batch_size if k == top else 2**k
+
+        seen = {k: v for k, v in self.per_task_s.items() if k <= top}
+        if top not in seen:  # start from the largest size, then climb down if smaller ones do better
+            return max_batch_size
+        best = min(seen, key=lambda k: (seen[k], -k))
+        if probe_round is None:
+            return size_of(best)
+        step = -1 if probe_round % 2 == 0 else 1
+        neighbour = best + step if 0 <= best + step <= top else best - step
+        return size_of(min(max(neighbour, 0), top))
+
+
 class AdaptiveBatchPolicy:
     """Batch size from latency feedback against ``latency_target_s`` (p99 end-to-end).
 
@@ -145,6 +195,7 @@ class AdaptiveBatchPolicy:
         alpha: float = DEFAULT_ALPHA,
     ):
         self.service = ServiceTimeModel(alpha)
+        self.efficiency = SizeEfficiency(alpha)
         self.alpha = alpha
         self.correction = 1.0
         self.latency_ewma_s: float | None = None
@@ -189,8 +240,10 @@ class AdaptiveBatchPolicy:
         est = self.service.estimate
         slack = SIGMA_K * est.sigma_s
         budget = self.correction * self.latency_target_s - (now_s - oldest_enqueued_s) - slack
-        if budget < est.predict_s(1):
-            size = self.max_batch_size  # overloaded: maximise throughput to drain the backlog
+        if budget < est.predict_s(1):  # overloaded: the most efficient size, to drain the backlog
+            seen = self.service.observations  # probe on a batch count, so repeated calls agree
+            probe = seen // PROBE_EVERY if seen % PROBE_EVERY == PROBE_EVERY - 1 else None
+            size = self.efficiency.best_size(self.max_batch_size, probe)
         else:
             size = self._fit(budget, est)
         if next_deadline_s is not None:
@@ -222,6 +275,7 @@ class AdaptiveBatchPolicy:
     def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
         """Update the cost model with the batch's service time and the feedback with its latencies."""
         self.service.observe(batch_size, inference_s)
+        self.efficiency.observe(batch_size, inference_s)
         finite = [x for x in latencies_s if math.isfinite(x)]
         if not finite:
             return

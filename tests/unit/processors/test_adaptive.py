@@ -728,3 +728,52 @@ def test_simulation_overload_throughput_matches_the_largest_batch(label: str, ra
     if rate > CAPACITY_MAX:
         assert adaptive.throughput == pytest.approx(CAPACITY_MAX, rel=0.02)
         assert np.mean(adaptive.batch_sizes) > 50
+
+
+# -- overload: the most efficient batch size ------------------------------------------
+
+
+def _overloaded_sizes(cost, max_size: int, batches: int) -> list[int]:
+    """Batch sizes the policy picks while permanently overloaded, the service time given by ``cost(n)``."""
+    from autoglm.processors.adaptive import AdaptiveBatchPolicy as Policy
+
+    policy = Policy(latency_target_s=0.1, max_batch_size=max_size)
+    now, sizes = 1000.0, []
+    for _ in range(batches):
+        n = policy.target_size(now, now - 10.0)   # the oldest task is 10 s old: overload
+        sizes.append(n)
+        policy.observe(now, n, cost(n), [10.0])
+    return sizes
+
+
+def test_overload_with_a_convex_cost_climbs_down_to_the_most_efficient_size() -> None:
+    """Per-task cost (2 ms + 0.5 ms * n + 0.05 ms * n^2) / n is smallest at n ~ 6; among the
+    power-of-two sizes 4 and 8 tie closely and 64 is 4.3x worse than 8."""
+    cost = lambda n: 0.002 + 0.0005 * n + 0.00005 * n * n  # noqa: E731
+    sizes = _overloaded_sizes(cost, 64, 400)
+    assert sizes[0] == 64                              # starts at the largest size
+    tail = sizes[-100:]
+    per_task = {n: cost(n) / n for n in (1, 2, 4, 8, 16, 32, 64)}
+    best = min(per_task, key=per_task.get)
+    assert best in (4, 8)
+    most = max(set(tail), key=tail.count)
+    assert most in (4, 8)                              # settled on an efficient size
+    assert sum(cost(n) / n for n in tail) / len(tail) < 1.2 * per_task[best]
+
+
+def test_overload_with_a_linear_cost_stays_at_the_largest_size() -> None:
+    cost = lambda n: 0.005 + 0.001 * n  # noqa: E731  per-task cost falls with n: bigger is better
+    sizes = _overloaded_sizes(cost, 64, 200)
+    tail = sizes[-100:]
+    assert tail.count(64) >= 80                        # probes aside, the largest size
+    assert all(n >= 32 for n in tail)                  # probes only go one bucket down
+
+
+def test_probing_happens_on_a_batch_count_so_repeated_calls_agree() -> None:
+    from autoglm.processors.adaptive import AdaptiveBatchPolicy as Policy
+
+    policy = Policy(latency_target_s=0.1, max_batch_size=64)
+    for i in range(7):
+        policy.observe(0.0, 64, 0.07, [10.0])
+    first = policy.target_size(100.0, 0.0)
+    assert all(policy.target_size(100.0, 0.0) == first for _ in range(20))

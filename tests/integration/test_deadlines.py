@@ -1,0 +1,37 @@
+"""Deadlines through Kafka: a task whose deadline has passed gets an `expired` result and never
+reaches the model; its neighbours are served."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoglm.streams.events import Task, encode_task, now_ms
+from autoglm.tasks import holdout_digits
+
+from .kafka_io import create_topics, produce, results_for
+
+pytestmark = pytest.mark.integration
+
+
+async def test_expired_and_live_tasks(kafka_bootstrap, prefix, workers, model_cache):
+    await create_topics(kafka_bootstrap, prefix, partitions=1)
+    x, _ = holdout_digits(10)
+    stamp = now_ms()
+    tasks = []
+    for i in range(10):
+        deadline = stamp - 1000 if i % 2 else stamp + 600_000   # odd ones are already late
+        tasks.append(Task(id=f"dl-{i}", model="digits", inputs=x[i : i + 1], deadline_ms=deadline,
+                          created_ms=stamp, priority=i % 3, attributes={"i": str(i)}))
+    proc = workers.start(kafka_bootstrap, prefix, "digits")
+    await produce(kafka_bootstrap, [(f"{prefix}.tasks.digits", t.id.encode(), encode_task(t)) for t in tasks])
+    results, dupes = await results_for(kafka_bootstrap, prefix, {t.id for t in tasks}, 120,
+                                       lambda: proc.poll() is None)
+    assert dupes == 0
+    for i, t in enumerate(tasks):
+        r = results[t.id]
+        assert r.attributes == {"i": str(i)}
+        if i % 2:
+            assert r.status == "expired" and r.error.code == "deadline" and r.outputs is None
+            assert r.batch_size == 0  # never reached the model
+        else:
+            assert r.status == "ok" and r.outputs.shape == (1, 10)
