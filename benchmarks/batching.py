@@ -231,10 +231,27 @@ def summarize(run: Run, trace_len: int) -> dict[str, Any]:
         sends = [run.sent[i] for i in run.sent if run.phase[i] == phase]
         out["phases"][phase] = {"tasks": len(sends), "completed": len(pid), "mean_ms": float(pl.mean()),
                                 "p99_ms": float(np.percentile(pl, 99))}
-    out["timeline"] = {"t_s": [round(run.received_at[i], 3) for i in ids],
-                       "latency_ms": [round(run.latency_ms[i], 2) for i in ids],
-                       "batch_size": [run.batch_size[i] for i in ids]}
+    out["timeline"] = binned_timeline([run.received_at[i] for i in ids], [run.latency_ms[i] for i in ids],
+                                      [run.batch_size[i] for i in ids])
     return out
+
+
+def binned_timeline(t_s: list[float], latency_ms: list[float], batch_size: list[int],
+                    bin_s: float = 0.25) -> dict[str, list[float]]:
+    """Per ``bin_s`` of receipt time: mean latency, max latency, mean batch size, results."""
+    t = np.asarray(t_s)
+    if not len(t):
+        return {"t_s": [], "latency_ms": [], "latency_max_ms": [], "batch_size": [], "results": []}
+    lat, bs = np.asarray(latency_ms), np.asarray(batch_size)
+    idx = (t // bin_s).astype(int)
+    keys = np.unique(idx)
+    return {
+        "t_s": [round(float(k * bin_s + bin_s / 2), 3) for k in keys],
+        "latency_ms": [round(float(lat[idx == k].mean()), 2) for k in keys],
+        "latency_max_ms": [round(float(lat[idx == k].max()), 2) for k in keys],
+        "batch_size": [round(float(bs[idx == k].mean()), 2) for k in keys],
+        "results": [int((idx == k).sum()) for k in keys],
+    }
 
 
 async def measure_capacity(bootstrap: str, prefix: str, inputs: Inputs, n: int, proc) -> float:

@@ -63,17 +63,11 @@ def plot(report: dict[str, Any], model: str, path: Path) -> None:
     runs = m["runs"]
     shown = [k for k in ("adaptive", "fixed 32/10ms", "fixed 1/0ms") if k in runs]
     fig, axes = plt.subplots(3, 1, figsize=(10, 10))
+    colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per setting in every panel
     for name in shown:
-        t = np.array(runs[name]["timeline"]["t_s"])
-        lat = np.array(runs[name]["timeline"]["latency_ms"])
-        bs = np.array(runs[name]["timeline"]["batch_size"])
-        order = np.argsort(t)
-        t, lat, bs = t[order], lat[order], bs[order]
-        bins = np.arange(0, t.max() + 0.5, 0.5) if len(t) else np.array([0, 1])
-        idx = np.digitize(t, bins)
-        centers = [bins[i - 1] + 0.25 for i in np.unique(idx)]
-        axes[0].plot(centers, [lat[idx == i].mean() for i in np.unique(idx)], label=name)
-        axes[1].plot(centers, [bs[idx == i].mean() for i in np.unique(idx)], label=name)
+        tl = runs[name]["timeline"]
+        axes[0].plot(tl["t_s"], tl["latency_ms"], label=name, color=colors[name])
+        axes[1].plot(tl["t_s"], tl["batch_size"], label=name, color=colors[name])
     phase_s = m["phase_s"]
     from benchmarks.batching import PHASES
 
@@ -84,7 +78,7 @@ def plot(report: dict[str, Any], model: str, path: Path) -> None:
                 ax.axvspan(k * phase_s, (k + 1) * phase_s, color="tab:red", alpha=0.08)
         ax.legend()
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mean end-to-end latency (ms, 0.5 s bins)")
+    axes[0].set_ylabel("mean end-to-end latency (ms, 0.25 s bins)")
     axes[0].set_yscale("log")
     axes[0].set_title(f"{model}: bursty trace through Kafka (red: burst at 2x capacity)")
     axes[1].set_ylabel("mean batch size")
@@ -94,7 +88,7 @@ def plot(report: dict[str, Any], model: str, path: Path) -> None:
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         vals = [runs[name]["phases"].get(p, {}).get("mean_ms", np.nan) for p in PHASE_ORDER]
-        axes[2].bar(x + i * width, vals, width, label=name)
+        axes[2].bar(x + i * width, vals, width, label=name, color=colors[name])
     axes[2].set_xticks(x + 0.4 - width / 2, [f"{p}" for p in PHASE_ORDER])
     axes[2].set_yscale("log")
     axes[2].set_ylabel("mean latency (ms) per load level")

@@ -24,9 +24,13 @@ Decision (when the model is idle; the batcher never forms a batch while it is bu
   keeps the oldest task inside its target;
 - when even one task cannot make it (``budget < t(1)``: overload), it takes the
   most efficient batch size seen, to drain the backlog at the highest
-  throughput: an EWMA of the service time per task is kept per power-of-two
-  size bucket; the best bucket is used, and every ``PROBE_EVERY``-th overload
-  batch probes its neighbour (half or double, alternately), a hill climb. Real
+  throughput: an EWMA of the *cycle time* per task (batch start to the next
+  batch start while a backlog keeps the model busy, so it includes the
+  stream work around the model: decoding, publishing results) is kept per
+  power-of-two size bucket (:meth:`AdaptiveBatchPolicy.observe_cycle`); the
+  best bucket is used, and every ``PROBE_EVERY``-th overload batch probes a
+  neighbour (an unexplored one first, else half or double alternately), a
+  hill climb. Real
   costs are not linear: on a CPU, a text model's padding makes 64-text batches
   slower per text than 8-text ones;
 - it flushes **at once** with ``min(queued, target)`` tasks: with an idle model
@@ -65,7 +69,7 @@ FEEDBACK_GAIN = 0.5
 FEEDBACK_MAX_STEP = 0.2
 CORRECTION_MIN = 0.25
 #: Under overload, one batch in this many probes a neighbouring size bucket.
-PROBE_EVERY = 8
+PROBE_EVERY = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +141,7 @@ class SizeEfficiency:
     def __init__(self, alpha: float = DEFAULT_ALPHA):
         self.alpha = alpha
         self.per_task_s: dict[int, float] = {}
+        self.observations = 0
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -145,13 +150,15 @@ class SizeEfficiency:
     def observe(self, n: int, t_s: float) -> None:
         if n <= 0 or not math.isfinite(t_s) or t_s < 0:
             return
+        self.observations += 1
         k, v = self.bucket(n), t_s / n
         old = self.per_task_s.get(k)
         self.per_task_s[k] = v if old is None else (1 - self.alpha) * old + self.alpha * v
 
     def best_size(self, max_batch_size: int, probe_round: int | None = None) -> int:
         """The size of the most efficient bucket seen (``max_batch_size`` until that one is
-        seen); with ``probe_round`` set, its neighbour instead (half on even rounds, double on odd)."""
+        seen); with ``probe_round`` set, a neighbour instead: an unexplored one first (the
+        smaller first), else half or double by the round's parity."""
         top = self.bucket(max_batch_size)
 
         def size_of(k: int) -> int:
@@ -163,9 +170,11 @@ class SizeEfficiency:
         best = min(seen, key=lambda k: (seen[k], -k))
         if probe_round is None:
             return size_of(best)
-        step = -1 if probe_round % 2 == 0 else 1
-        neighbour = best + step if 0 <= best + step <= top else best - step
-        return size_of(min(max(neighbour, 0), top))
+        neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= top]
+        unexplored = [k for k in neighbours if k not in seen]
+        if unexplored:  # an unexplored neighbour first (the smaller one first)
+            return size_of(unexplored[0])
+        return size_of(neighbours[probe_round % len(neighbours)])
 
 
 class AdaptiveBatchPolicy:
@@ -241,7 +250,7 @@ class AdaptiveBatchPolicy:
         slack = SIGMA_K * est.sigma_s
         budget = self.correction * self.latency_target_s - (now_s - oldest_enqueued_s) - slack
         if budget < est.predict_s(1):  # overloaded: the most efficient size, to drain the backlog
-            seen = self.service.observations  # probe on a batch count, so repeated calls agree
+            seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
             probe = seen // PROBE_EVERY if seen % PROBE_EVERY == PROBE_EVERY - 1 else None
             size = self.efficiency.best_size(self.max_batch_size, probe)
         else:
@@ -272,10 +281,14 @@ class AdaptiveBatchPolicy:
         size = self.target_size(now_s, oldest_enqueued_s, next_deadline_s)
         return BatchDecision(min(queued, size), now_s)
 
+    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
+        """A batch of ``batch_size`` tasks was followed at once by the next one (a backlog):
+        ``cycle_s`` seconds from its start to the next start measure the pipeline's cost per task."""
+        self.efficiency.observe(batch_size, cycle_s)
+
     def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
         """Update the cost model with the batch's service time and the feedback with its latencies."""
         self.service.observe(batch_size, inference_s)
-        self.efficiency.observe(batch_size, inference_s)
         finite = [x for x in latencies_s if math.isfinite(x)]
         if not finite:
             return

@@ -53,6 +53,11 @@ class BatchPolicy(Protocol):
         """Learn from a finished batch: its size, forward duration and per-task latencies (seconds)."""
         ...
 
+    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
+        """Learn the pipeline's cost per batch: seconds from a batch's start to the next one's, when
+        a backlog made them back to back."""
+        ...
+
 
 class FixedBatchPolicy:
     """Fixed size/wait micro-batching: flush at ``max_batch_size`` tasks, or ``max_wait_s``
@@ -99,4 +104,7 @@ class FixedBatchPolicy:
         return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s)
 
     def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
+        return None
+
+    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
         return None

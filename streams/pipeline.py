@@ -127,6 +127,8 @@ class TaskPipeline:
             for name in self.runners
         }
         self._background: set[asyncio.Task] = set()
+        # per model: (start_s, size) of the last batch, when a backlog waited behind it
+        self._saturated: dict[str, tuple[float, int] | None] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -245,6 +247,10 @@ class TaskPipeline:
     async def _run_batch(self, model: str, batch: list[Pending]) -> None:
         runner = self.runners[model]
         start_s = self.clock()
+        previous = self._saturated.get(model)
+        if previous is not None:  # back to back with the previous batch: its cycle time is the cost
+            self.policies[model].observe_cycle(previous[1], start_s - previous[0])
+        self._saturated[model] = (start_s, len(batch)) if len(self.batchers[model]) > 0 else None
         outputs: list[Any] | None = None
         error: ErrorInfo | None = None
         try:

@@ -478,3 +478,38 @@ async def test_send_that_raises_is_fatal() -> None:
     await pipeline.stop(timeout_s=1.0)
     assert fatal == [boom]
     assert broker.acked == []
+
+
+class CycleRecorder(FixedBatchPolicy):
+    """A fixed policy that records the cycle times the pipeline reports."""
+
+    def __init__(self) -> None:
+        super().__init__(max_batch_size=4, max_wait_s=0.0)
+        self.cycles: list[tuple[int, float]] = []
+
+    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
+        self.cycles.append((batch_size, cycle_s))
+
+
+async def test_back_to_back_batches_report_their_cycle_time() -> None:
+    """With a backlog behind a batch, the time from its start to the next batch's start is
+    reported for its size; a batch with nothing queued behind it reports nothing."""
+    broker = FakeBroker()
+    now = [100.0]
+    policy = CycleRecorder()
+
+    class SlowRunner(FakeRunner):
+        async def run(self, items):  # each batch costs 0.5 s of fake time
+            now[0] += 0.5
+            return await super().run(items)
+
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": SlowRunner()}, policies={"toy": policy},
+        send=broker.send, ack=broker.ack, max_in_flight=100, clock=lambda: now[0],
+    )
+    for offset in range(10):  # queued before the batcher runs: a backlog of 10
+        await pipeline.on_record(TOPIC, 0, offset, None, task_bytes(f"t{offset}", rows(offset)), offset)
+    pipeline.start()
+    await pipeline.stop()
+    # batches of 4, 4, 2: the first two had tasks waiting behind them, the last did not
+    assert policy.cycles == [(4, 0.5), (4, 0.5)]
