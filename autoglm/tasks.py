@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import typer
 
-from autoglm.errors import EventError
+from autoglm.errors import BrokerError, EventDecodeError, EventError
 from autoglm.streams.codec import loads
 from autoglm.streams.events import Task, decode_task, encode_task, now_ms
 from autoglm.streams.topics import TopicNames
@@ -76,9 +76,14 @@ def records_from_jsonl(path: Path, prefix: str, *, validate: bool = True) -> lis
                 model, key = task.model, task.id
             else:
                 doc = loads(raw)
-                model, key = str(doc.get("model", "")), str(doc.get("id", ""))
+                if not isinstance(doc, dict) or not isinstance(doc.get("model"), str) or not doc["model"]:
+                    raise EventDecodeError("needs a JSON object with a 'model' string to choose its topic "
+                                           "(even with --no-validate)")
+                model, key = doc["model"], str(doc.get("id", ""))
         except EventError as exc:
-            raise type(exc)(f"{path}:{lineno}: {exc}") from None
+            located = EventError(f"{path}:{lineno}: {exc}")
+            located.code = exc.code
+            raise located from None
         out.append((names.tasks(model), key.encode(), raw))
     return out
 
@@ -97,8 +102,16 @@ async def send_records(servers: list[str], records: list[Record]) -> int:
     from aiokafka.errors import KafkaError
     from rich.progress import Progress
 
-    from autoglm.errors import BrokerError
+    from autoglm.streams.topics import partitions_of
 
+    for topic in sorted({topic for topic, _, _ in records}):
+        try:
+            await partitions_of(servers, topic, timeout_s=3.0)
+        except BrokerError:
+            raise BrokerError(
+                f"topic {topic!r} does not exist: is a worker serving that model with this prefix? "
+                "(workers create their models' topics at start)"
+            ) from None
     producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5,
                                 max_request_size=4 * 1024 * 1024)
     try:

@@ -74,8 +74,8 @@ def run_worker(settings: Settings) -> int:
 
     with broker_for(settings) as live:
         try:
+            runners = load_runners(live)  # first: an unknown model or device creates no topics
             prepare_topics(live)
-            runners = load_runners(live)
         except AutoGLMError as exc:
             log.error("%s", exc)
             return 2

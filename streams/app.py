@@ -22,7 +22,7 @@ from autoglm.processors.adaptive import AdaptiveBatchPolicy
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.metrics import BatchMetrics, PrometheusMetrics
 from autoglm.streams.pipeline import TaskPipeline
-from autoglm.streams.topics import TopicNames
+from autoglm.streams.topics import TopicCache, TopicNames
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
 class PipelineService(Service):
     """Starts the pipeline's batchers with the app and drains it on stop."""
 
-    def __init__(self, pipeline: TaskPipeline, **kwargs: Any):
+    def __init__(self, pipeline: TaskPipeline, topics: TopicCache, **kwargs: Any):
         self.pipeline = pipeline
+        self.topics = topics
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
@@ -72,6 +73,7 @@ class PipelineService(Service):
 
     async def on_stop(self) -> None:
         await self.pipeline.stop()
+        await self.topics.close()
 
 
 def build_worker_app(
@@ -110,6 +112,7 @@ def build_worker_app(
     def on_fatal(exc: BaseException) -> None:
         asyncio.ensure_future(app.crash(exc))
 
+    topics = TopicCache(settings.bootstrap_list)
     pipeline = TaskPipeline(
         names=names,
         worker_id=settings.worker_id,
@@ -120,6 +123,7 @@ def build_worker_app(
         max_in_flight=settings.max_in_flight,
         on_fatal=on_fatal,
         metrics=metrics,
+        topic_exists=topics.exists,
     )
     task_topic = app.topic(
         *[names.tasks(m) for m in runners],
@@ -140,7 +144,7 @@ def build_worker_app(
     async def on_revoked(app_: faust.App, revoked: set, **kwargs: Any) -> None:
         pipeline.revoke([(tp.topic, tp.partition) for tp in revoked])
 
-    app.service(PipelineService(pipeline))
+    app.service(PipelineService(pipeline, topics))
     return app, pipeline
 
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Hashable, Mapping
 
-from autoglm.errors import EventError, ModelError, TensorError, UnknownModelError
+from autoglm.errors import EventError, EventValidationError, ModelError, TensorError, UnknownModelError
 from autoglm.processors.batcher import MicroBatcher
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.delivery import InFlightLimiter, OffsetTracker
@@ -92,6 +92,10 @@ class TaskPipeline:
         on_fatal: called with the exception when a result cannot be delivered
             (the worker must stop so that the task is consumed again).
         metrics: batching metrics (default: records nothing).
+        topic_exists: ``async topic_exists(name) -> bool``; a task whose ``reply_to``
+            names a missing topic is rejected (default: every topic exists).
+        delivery_timeout_s: the longest the broker may take to acknowledge a
+            batch's records; past it the delivery is fatal like a failed one.
         clock: monotonic seconds.
     """
 
@@ -107,6 +111,8 @@ class TaskPipeline:
         max_in_flight: int,
         on_fatal: Callable[[BaseException], None] | None = None,
         metrics: BatchMetrics | None = None,
+        topic_exists: Callable[[str], Awaitable[bool]] | None = None,
+        delivery_timeout_s: float = 120.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.names = names
@@ -118,6 +124,8 @@ class TaskPipeline:
         self._on_fatal = on_fatal or (lambda exc: None)
         self.clock = clock
         self.metrics = metrics or BatchMetrics()
+        self._topic_exists = topic_exists
+        self.delivery_timeout_s = delivery_timeout_s
         self.limiter = InFlightLimiter(max_in_flight)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.counters = PipelineCounters()
@@ -192,8 +200,14 @@ class TaskPipeline:
             except EventError as exc:
                 exc.task_id, exc.model = task.id, task.model
                 raise
+            if task.reply_to is not None and self._topic_exists is not None:
+                if not await self._topic_exists(task.reply_to):
+                    raise EventValidationError("reply_to", "an existing topic", task.reply_to,
+                                               task_id=task.id, model=task.model)
         except EventError as exc:
-            self._spawn(self._dead_letter(tp, offset, key, value, exc, reply_to=_reply_to(value, exc)))
+            bad_reply_to = getattr(exc, "field", None) == "reply_to"
+            reply_to = None if bad_reply_to else _reply_to(value, exc)
+            self._spawn(self._dead_letter(tp, offset, key, value, exc, reply_to=reply_to))
             return
         pending = Pending(task, prepared, tp, offset, received_s, received_ms)
         deadline_s = None
@@ -311,7 +325,8 @@ class TaskPipeline:
         self, tp: Hashable, offset: int, key: bytes | None, value: bytes | None, exc: EventError, reply_to: str | None
     ) -> None:
         self.counters.dead_letters += 1
-        self.metrics.count_tasks(exc.model or "unknown", "rejected")
+        topic_model = self.names.model_of(tp[0]) if isinstance(tp, tuple) else None
+        self.metrics.count_tasks(topic_model or "unknown", "rejected")  # never a label from the payload
         log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
         topic, partition = tp if isinstance(tp, tuple) else (str(tp), -1)
         headers: Headers = [
@@ -341,8 +356,11 @@ class TaskPipeline:
         free the in-flight slots. A record that cannot be delivered is fatal: its task must not be
         committed, so the worker stops and the task is consumed again."""
         try:
-            acks = [await self._send(topic, key, value, headers) for topic, key, value, headers in records]
-            await asyncio.gather(*acks)
+            async def produce_all() -> None:
+                acks = [await self._send(topic, key, value, headers) for topic, key, value, headers in records]
+                await asyncio.gather(*acks)
+
+            await asyncio.wait_for(produce_all(), self.delivery_timeout_s)
         except Exception as exc:
             log.critical("could not deliver %d records; stopping so they are consumed again: %r", len(records), exc)
             self._on_fatal(exc)

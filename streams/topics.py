@@ -136,3 +136,60 @@ async def partitions_of(
         raise BrokerError(f"could not describe {topic!r} on {bootstrap_servers}: {exc!r}") from exc
     finally:
         await admin.close()
+
+
+class TopicCache:
+    """Whether topics exist, asked of the broker (admin client) and cached.
+
+    A topic seen to exist is remembered; a missing one is asked again after
+    ``negative_ttl_s``. Used to refuse a task whose ``reply_to`` names a topic
+    that does not exist, instead of a producer waiting on its metadata forever.
+
+    Args:
+        bootstrap_servers: ``host:port`` list.
+        negative_ttl_s: seconds a "missing" answer is trusted.
+        timeout_s: the longest one broker question may take; no answer counts as missing.
+    """
+
+    def __init__(self, bootstrap_servers: list[str] | str, *, negative_ttl_s: float = 5.0,
+                 timeout_s: float = 5.0, client_kwargs: dict | None = None):
+        import time
+
+        self._bootstrap = bootstrap_servers
+        self._kwargs = client_kwargs or {}
+        self._negative_ttl_s = negative_ttl_s
+        self._timeout_s = timeout_s
+        self._clock = time.monotonic
+        self._present: set[str] = set()
+        self._missing: dict[str, float] = {}
+        self._admin: AIOKafkaAdminClient | None = None
+
+    async def exists(self, topic: str) -> bool:
+        import asyncio
+
+        if topic in self._present:
+            return True
+        checked = self._missing.get(topic)
+        if checked is not None and self._clock() - checked < self._negative_ttl_s:
+            return False
+        try:
+            if self._admin is None:
+                self._admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **self._kwargs)
+                await self._admin.start()
+            described = await asyncio.wait_for(self._admin.describe_topics([topic]), self._timeout_s)
+            info = described[0] if described else {}
+            found = info.get("error_code", 0) == 0 and bool(info.get("partitions"))
+        except (KafkaError, asyncio.TimeoutError) as exc:
+            log.warning("could not check topic %r: %r", topic, exc)
+            found = False
+        if found:
+            self._present.add(topic)
+            self._missing.pop(topic, None)
+        else:
+            self._missing[topic] = self._clock()
+        return found
+
+    async def close(self) -> None:
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None

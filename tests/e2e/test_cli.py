@@ -53,3 +53,23 @@ def test_invalid_setting_is_a_clear_error():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "max_batch_size (AUTOGLM_MAX_BATCH_SIZE)" in proc.stderr
+
+
+def test_publish_reports_bad_lines_and_missing_topics_clearly(kafka_bootstrap, prefix, tmp_path):
+    env = {**os.environ, "AUTOGLM_BOOTSTRAP_SERVERS": kafka_bootstrap, "AUTOGLM_TOPIC_PREFIX": prefix}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"schema":"autoglm.task/v1","id":"a","model":"digits","inputs":[[0.5]]}\n'
+                   '{"schema":"autoglm.task/v1","id":"","model":"digits","inputs":[[0.5]]}\n')
+    proc = subprocess.run([*AUTOGLM, "publish", "--file", str(bad)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 1
+    assert f"error: {bad}:2: field 'id'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text('{"schema":"autoglm.task/v1","id":"r1","model":"resnet","inputs":[[0.5]]}\n')
+    proc = subprocess.run([*AUTOGLM, "publish", "--file", str(unknown)], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert proc.returncode == 1
+    assert f"topic '{prefix}.tasks.resnet' does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -513,3 +513,59 @@ async def test_back_to_back_batches_report_their_cycle_time() -> None:
     await pipeline.stop()
     # batches of 4, 4, 2: the first two had tasks waiting behind them, the last did not
     assert policy.cycles == [(4, 0.5), (4, 0.5)]
+
+
+async def test_reply_to_a_missing_topic_is_rejected_not_waited_on() -> None:
+    """A producer naming a reply_to topic that does not exist must not wedge the worker: the task
+    is dead-lettered, its rejected result goes to the default results topic, batch-mates are served."""
+    broker = FakeBroker()
+    existing = {"t.replies"}
+
+    async def topic_exists(name: str) -> bool:
+        return name in existing
+
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
+        policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
+        send=broker.send, ack=broker.ack, max_in_flight=100, topic_exists=topic_exists, clock=lambda: 100.0,
+    )
+    pipeline.start()
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("good", rows(1), reply_to="t.replies"), 0)
+    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("bad", rows(2), reply_to="t.nowhere"), 1)
+    await pipeline.on_record(TOPIC, 0, 2, None, task_bytes("plain", rows(3)), 2)
+    await pipeline.stop()
+
+    by_topic: dict[str, list[str]] = {}
+    for s in broker.sent:
+        by_topic.setdefault(s.topic, []).append(s.key.decode() if s.key else "")
+    assert by_topic["t.replies"] == ["good"]
+    assert sorted(by_topic[RESULTS]) == ["bad", "plain"]
+    assert "t.nowhere" not in by_topic
+    dead = [s for s in broker.sent if s.topic == "t.dlq"]
+    assert len(dead) == 1 and dict(dead[0].headers)["autoglm.error.code"] == b"invalid_field"
+    results = broker.results_by_id()
+    assert results["bad"].status == "rejected" and "reply_to" in results["bad"].error.message
+    assert results["plain"].status == "ok"
+    good = [decode_result(s.value) for s in broker.sent if s.topic == "t.replies"]
+    assert good[0].id == "good" and good[0].status == "ok"
+    assert broker.acked == [0, 1, 2]
+
+
+async def test_a_delivery_that_never_completes_is_fatal_after_the_timeout() -> None:
+    fatal: list[BaseException] = []
+    acked: list[Any] = []
+
+    async def send_never_acked(topic, key, value, headers):
+        return asyncio.get_running_loop().create_future()  # the broker never answers
+
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
+        policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
+        send=send_never_acked, ack=acked.append, max_in_flight=100, on_fatal=fatal.append,
+        delivery_timeout_s=0.05, clock=lambda: 100.0,
+    )
+    pipeline.start()
+    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a", rows(1)), "tok0")
+    await pipeline.stop(timeout_s=5)
+    assert len(fatal) == 1 and isinstance(fatal[0], asyncio.TimeoutError)
+    assert acked == []  # never committed
