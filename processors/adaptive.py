@@ -64,7 +64,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from autoglm.processors.batching import BatchDecision
+from autoglm.processors.batching import BatchDecision, fixed_decision
 
 #: EWMA smoothing of the cost model and of the latency feedback (effective span ~ 9 batches).
 DEFAULT_ALPHA = 0.2
@@ -279,12 +279,8 @@ class AdaptiveBatchPolicy:
         self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
         next_deadline_s: float | None = None,
     ) -> BatchDecision:
-        if queued <= 0 or oldest_enqueued_s is None:
-            return BatchDecision(0, None)
-        if self.mode == "fixed":
-            if queued >= self.max_batch_size:
-                return BatchDecision(self.max_batch_size, now_s)
-            return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s)
+        if self.mode == "fixed" or queued <= 0 or oldest_enqueued_s is None:
+            return fixed_decision(now_s, queued, oldest_enqueued_s, self.max_batch_size, self.max_wait_s)
         size = self.target_size(now_s, oldest_enqueued_s, next_deadline_s)
         return BatchDecision(min(queued, size), now_s)
 

@@ -59,6 +59,18 @@ class BatchPolicy(Protocol):
         ...
 
 
+def fixed_decision(
+    now_s: float, queued: int, oldest_enqueued_s: float | None, max_batch_size: int, max_wait_s: float
+) -> BatchDecision:
+    """Size/wait batching: ``max_batch_size`` at once when that many are queued, else whatever is
+    queued at ``oldest_enqueued_s + max_wait_s``; nothing when the queue is empty."""
+    if queued <= 0 or oldest_enqueued_s is None:
+        return BatchDecision(0, None)
+    if queued >= max_batch_size:
+        return BatchDecision(max_batch_size, now_s)
+    return BatchDecision(queued, oldest_enqueued_s + max_wait_s)
+
+
 class FixedBatchPolicy:
     """Fixed size/wait micro-batching: flush at ``max_batch_size`` tasks, or ``max_wait_s``
     after the first task of the batch was queued, whichever comes first.
@@ -97,11 +109,7 @@ class FixedBatchPolicy:
         self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
         next_deadline_s: float | None = None,
     ) -> BatchDecision:
-        if queued <= 0 or oldest_enqueued_s is None:
-            return BatchDecision(0, None)
-        if queued >= self.max_batch_size:
-            return BatchDecision(self.max_batch_size, now_s)
-        return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s)
+        return fixed_decision(now_s, queued, oldest_enqueued_s, self.max_batch_size, self.max_wait_s)
 
     def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
         return None
