@@ -28,9 +28,10 @@ Decision (when the model is idle; the batcher never forms a batch while it is bu
   batch start while a backlog keeps the model busy, so it includes the
   stream work around the model: decoding, publishing results) is kept per
   power-of-two size bucket (:meth:`AdaptiveBatchPolicy.observe_cycle`); the
-  best bucket is used, and every ``PROBE_EVERY``-th overload batch probes a
-  neighbour (an unexplored one first, else half or double alternately), a
-  hill climb. Real
+  best bucket with at least ``MIN_SAMPLES`` samples is used (it changes only to
+  one ``SWITCH_MARGIN`` cheaper per task), and every
+  ``PROBE_EVERY``-th overload batch probes a neighbour (one with too few
+  samples first, else half or double alternately), a hill climb. Real
   costs are not linear: on a CPU, a text model's padding makes 64-text batches
   slower per text than 8-text ones;
 - it flushes **at once** with ``min(queued, target)`` tasks: with an idle model
@@ -77,6 +78,11 @@ FEEDBACK_MAX_STEP = 0.2
 CORRECTION_MIN = 0.25
 #: Under overload, one batch in this many probes a neighbouring size bucket.
 PROBE_EVERY = 4
+#: A size bucket needs this many cycle-time samples before it can replace the current best:
+#: one sample is too noisy on a shared machine (a single lucky probe made the size oscillate).
+MIN_SAMPLES = 3
+#: The best bucket changes only to one at least this much cheaper per task (hysteresis).
+SWITCH_MARGIN = 0.10
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +154,9 @@ class SizeEfficiency:
     def __init__(self, alpha: float = DEFAULT_ALPHA):
         self.alpha = alpha
         self.per_task_s: dict[int, float] = {}
+        self.samples: dict[int, int] = {}
         self.observations = 0
+        self.current: int | None = None
 
     @staticmethod
     def bucket(n: int) -> int:
@@ -159,6 +167,7 @@ class SizeEfficiency:
             return
         self.observations += 1
         k, v = self.bucket(n), t_s / n
+        self.samples[k] = self.samples.get(k, 0) + 1
         old = self.per_task_s.get(k)
         self.per_task_s[k] = v if old is None else (1 - self.alpha) * old + self.alpha * v
 
@@ -171,14 +180,19 @@ class SizeEfficiency:
         def size_of(k: int) -> int:
             return max_batch_size if k == top else 2**k
 
-        seen = {k: v for k, v in self.per_task_s.items() if k <= top}
-        if top not in seen:  # start from the largest size, then climb down if smaller ones do better
+        if top not in self.per_task_s:  # start from the largest size, then climb down if smaller ones do better
             return max_batch_size
-        best = min(seen, key=lambda k: (seen[k], -k))
+        trusted = {k: v for k, v in self.per_task_s.items()
+                   if k <= top and (k == top or self.samples.get(k, 0) >= MIN_SAMPLES)}
+        best = min(trusted, key=lambda k: (trusted[k], -k))
+        current = self.current if self.current in trusted else None
+        if current is not None and trusted[best] > (1 - SWITCH_MARGIN) * trusted[current]:
+            best = current  # not clearly better: stay
+        self.current = best
         if probe_round is None:
             return size_of(best)
         neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= top]
-        unexplored = [k for k in neighbours if k not in seen]
+        unexplored = [k for k in neighbours if self.samples.get(k, 0) < MIN_SAMPLES]
         if unexplored:  # an unexplored neighbour first (the smaller one first)
             return size_of(unexplored[0])
         return size_of(neighbours[probe_round % len(neighbours)])

@@ -780,3 +780,22 @@ def test_probing_happens_on_a_batch_count_so_repeated_calls_agree() -> None:
         policy.observe_cycle(64, 0.07)
     first = policy.target_size(100.0, 0.0)
     assert all(policy.target_size(100.0, 0.0) == first for _ in range(20))
+
+
+def test_noisy_flat_cost_does_not_make_the_overload_size_oscillate() -> None:
+    """When every size costs the same per task and measurements are noisy (30 % std), a single
+    lucky probe must not move the size: the non-probe choice changes rarely."""
+    from autoglm.processors.adaptive import PROBE_EVERY
+    from autoglm.processors.adaptive import AdaptiveBatchPolicy as Policy
+
+    rng = np.random.default_rng(3)
+    policy = Policy(latency_target_s=0.1, max_batch_size=64)
+    chosen = []
+    for i in range(400):
+        n = policy.target_size(1000.0, 990.0)
+        if policy.efficiency.observations % PROBE_EVERY != PROBE_EVERY - 1:
+            chosen.append(n)
+        policy.observe_cycle(n, 0.001 * n * max(0.1, rng.normal(1.0, 0.3)))
+    changes = sum(1 for a, b in zip(chosen, chosen[1:]) if a != b)
+    # measured: 14 changes in ~300 choices; 46 without MIN_SAMPLES and SWITCH_MARGIN
+    assert changes <= 20, changes
