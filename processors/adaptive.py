@@ -36,7 +36,12 @@ Decision (when the model is idle; the batcher never forms a batch while it is bu
   slower per text than 8-text ones;
 - it flushes **at once** with ``min(queued, target)`` tasks: with an idle model
   a lone task never waits (no fixed delay penalty at low load); under load the
-  queue fills while the model runs, so batches grow with the arrival rate.
+  queue fills while the model runs, so batches grow with the arrival rate;
+- except after a batch whose worst latency missed the target (``over_target``:
+  a backlog upstream, in Kafka, that the queue here does not show): then a
+  short batch waits up to ``max_wait_s`` to fill the target size, because in a
+  backlog throughput is what shortens latency, and a stream-bound pipeline
+  hands the batcher only the few tasks decoded since the last batch.
 
 Why ``alpha = 0.2``: its effective span is ``2/alpha - 1 = 9`` batches, short
 enough to follow a change of load or input mix within about ten batches, long
@@ -205,8 +210,8 @@ class AdaptiveBatchPolicy:
         latency_target_s: the latency SLO per task, seconds (> 0).
         max_batch_size: upper bound on tasks per batch (>= 1).
         max_wait_s: upper bound on how long a batch may wait for more tasks
-            after its first; the adaptive mode never waits with an idle model,
-            so it only matters in ``fixed`` mode.
+            after its first; the adaptive mode waits only while over its target
+            (a backlog), never with an idle model at low load.
         mode: ``"adaptive"`` or ``"fixed"`` (``max_batch_size``/``max_wait_s``
             as in :class:`~autoglm.processors.batching.FixedBatchPolicy`).
         alpha: EWMA smoothing (see the module docstring).
@@ -228,6 +233,7 @@ class AdaptiveBatchPolicy:
         self.efficiency = SizeEfficiency(alpha)
         self.alpha = alpha
         self.correction = 1.0
+        self.over_target = False
         self.latency_ewma_s: float | None = None
         self.last_target_size = 1
         self.configure(latency_target_s=latency_target_s, max_batch_size=max_batch_size,
@@ -296,7 +302,13 @@ class AdaptiveBatchPolicy:
         if self.mode == "fixed" or queued <= 0 or oldest_enqueued_s is None:
             return fixed_decision(now_s, queued, oldest_enqueued_s, self.max_batch_size, self.max_wait_s)
         size = self.target_size(now_s, oldest_enqueued_s, next_deadline_s)
-        return BatchDecision(min(queued, size), now_s)
+        if queued >= size:
+            return BatchDecision(size, now_s)
+        if self.over_target:
+            # a backlog upstream (the last batch missed the target): fill the efficient size for
+            # up to max_wait_s, since a batch of the few tasks decoded so far wastes throughput
+            return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s)
+        return BatchDecision(queued, now_s)
 
     def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
         """A batch of ``batch_size`` tasks was followed at once by the next one (a backlog):
@@ -310,6 +322,7 @@ class AdaptiveBatchPolicy:
         if not finite:
             return
         worst = max(finite)
+        self.over_target = worst > self.latency_target_s
         if self.latency_ewma_s is None:
             self.latency_ewma_s = worst
         else:  # reported, not fed back: an integrated lagging signal would make the loop overshoot
