@@ -30,27 +30,13 @@ from hypothesis import strategies as st
 from autoglm.processors.batcher import MicroBatcher, Queued
 from autoglm.processors.batching import FixedBatchPolicy
 
+from .fakes import JumpClock, settle
+
 TICK = 1 / 64
 
 
-async def settle(times: int = 30) -> None:
-    """Let every ready task run (``asyncio.sleep(0)`` only yields)."""
-    for _ in range(times):
-        await asyncio.sleep(0)
 
 
-class JumpClock:
-    """Fake time whose ``sleep`` advances the clock by the delay, then yields once."""
-
-    def __init__(self, start: float = 0.0):
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, delay_s: float) -> None:
-        self.now += delay_s
-        await asyncio.sleep(0)
 
 
 class VirtualTime:
