@@ -85,11 +85,8 @@ class TaskQueue(Generic[T]):
         out: list[QueuedTask[T]] = []
         while self._heap and len(out) < n:
             entry = heapq.heappop(self._heap)
-            if entry.removed:
-                continue
-            entry.removed = True
-            self._size -= 1
-            out.append(QueuedTask(entry.item, entry.enqueued_s, entry.deadline_s))
+            if not entry.removed:
+                out.append(self._take(entry))
         return out
 
     def expire(self, now_s: float) -> list[QueuedTask[T]]:
@@ -97,12 +94,15 @@ class TaskQueue(Generic[T]):
         out: list[QueuedTask[T]] = []
         while self._deadlines and self._deadlines[0][0] <= now_s:
             _, _, entry = heapq.heappop(self._deadlines)
-            if entry.removed:
-                continue
-            entry.removed = True
-            self._size -= 1
-            out.append(QueuedTask(entry.item, entry.enqueued_s, entry.deadline_s))
+            if not entry.removed:
+                out.append(self._take(entry))
         return out
+
+    def _take(self, entry: _Entry[T]) -> QueuedTask[T]:
+        """Mark ``entry`` removed (its copies in the other heaps are skipped lazily) and hand it out."""
+        entry.removed = True
+        self._size -= 1
+        return QueuedTask(entry.item, entry.enqueued_s, entry.deadline_s)
 
     def oldest_enqueued_s(self) -> float | None:
         """Queue time of the longest-waiting task, or None when empty."""
