@@ -20,6 +20,7 @@ non-retriable one will fail the same way every time.
     ├── ModelError                                a model failed
     │   ├── ModelLoadError                        weights missing, load failed
     │   └── InferenceError                        forward raised or returned the wrong rows
+    │       └── InferenceTimeoutError             forward did not return within the batch timeout
     └── BrokerError                               talking to Kafka failed (retriable)
         └── EmbeddedBrokerError                   the embedded broker would not start
 
@@ -160,6 +161,24 @@ class InferenceError(ModelError):
 
     code = "inference"
     retriable = True
+
+
+class InferenceTimeoutError(InferenceError):
+    """A forward did not return within the per-batch timeout; its thread was abandoned.
+
+    Args:
+        message: what timed out, for an operator.
+        timeout_s: the timeout that was exceeded, in seconds.
+        batch_size: number of tasks in the batch that timed out.
+    """
+
+    code = "inference_timeout"
+    retriable = True
+
+    def __init__(self, message: str, *, timeout_s: float, batch_size: int):
+        super().__init__(message)
+        self.timeout_s = timeout_s
+        self.batch_size = batch_size
 
 
 class BrokerError(AutoGLMError):

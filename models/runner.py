@@ -1,10 +1,16 @@
 """Run one model on its own thread: load, collate and forward never touch the event loop.
 
-A :class:`ModelRunner` owns exactly one worker thread (a
+A :class:`ModelRunner` owns one model thread at a time (a single daemon
+thread that runs submitted calls in order, like a
 ``ThreadPoolExecutor(max_workers=1)``). Every call into the model other than
 :meth:`~autoglm.models.base.InferenceModel.prepare` happens on that thread, so
-a model never sees two forwards at once and the asyncio event loop only awaits
-a future.
+the asyncio event loop only awaits a future.
+
+Fault isolation (:meth:`ModelRunner.run_isolated`): a batch whose forward
+raises is split in halves and retried until the failing tasks are isolated,
+and a forward that passes the per-batch timeout is abandoned: a Python thread
+cannot be killed, so the runner leaves the stuck thread behind (a daemon, so
+it never blocks interpreter exit) and starts a fresh one for the next batch.
 
 Nothing here imports Kafka.
 """
@@ -13,19 +19,134 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from autoglm.errors import ConfigError, InferenceError, ModelError, ModelLoadError
+from autoglm.errors import (
+    ConfigError,
+    InferenceError,
+    InferenceTimeoutError,
+    ModelError,
+    ModelLoadError,
+)
 from autoglm.models.base import InferenceModel
 
 logger = logging.getLogger(__name__)
 
 _DEVICES = ("cpu", "cuda")
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """Why one task got no output: an :class:`~autoglm.errors.AutoGLMError` ``code``,
+    its message, and whether trying again later may succeed (``retriable``)."""
+
+    code: str
+    message: str
+    retriable: bool = False
+
+    @classmethod
+    def of(cls, exc: ModelError) -> "ItemError":
+        """The code, message and ``retriable`` flag of ``exc``."""
+        return cls(exc.code, str(exc), exc.retriable)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    """What a runner made of one task of a batch: an output or an error, never both.
+
+    Attributes:
+        served_by: registry name of the model that ran (or last tried) the task;
+            the primary's name unless a fallback served it.
+        output: float32 ``(rows, output_dim)`` when the task succeeded, else ``None``.
+        error: set when the task failed, else ``None``.
+    """
+
+    served_by: str
+    output: np.ndarray | None = None
+    error: ItemError | None = None
+
+    def __post_init__(self) -> None:
+        if (self.output is None) == (self.error is None):
+            raise ValueError("an ItemOutcome holds exactly one of output and error")
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task has an output."""
+        return self.error is None
+
+
+class _ModelThread:
+    """One daemon thread that runs submitted calls in order; returns ``concurrent.futures.Future``.
+
+    Like ``ThreadPoolExecutor(max_workers=1)``, except that its thread is a
+    daemon: the executor's threads are joined at interpreter exit, so one
+    stuck in a forward that never returns would keep the process alive.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._shutdown = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the thread is still running (a stuck forward keeps it alive)."""
+        return self._thread.is_alive()
+
+    def submit(self, fn: Callable[..., _T], *args: Any) -> "Future[_T]":
+        """Queue ``fn(*args)``; raises RuntimeError after :meth:`shutdown`."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError(f"model thread {self.name} is shut down")
+            future: Future[_T] = Future()
+            self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self, *, wait: bool) -> None:
+        """Cancel queued calls, let the thread end after its current call; ``wait``: join it."""
+        with self._lock:
+            if not self._shutdown:
+                self._shutdown = True
+                while True:
+                    try:
+                        job = self._jobs.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is not None:
+                        job[0].cancel()
+                self._jobs.put(None)
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # delivered to the awaiting side, as an executor does
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del job, future, fn, args
 
 
 def select_device(preferred: str | None = None) -> str:
@@ -77,6 +198,11 @@ class ModelRunner:
         last_inference_s: seconds the last micro-batch spent in collate +
             forward + output checks, measured on the model thread; ``None``
             before the first one.
+        forward_calls: batches (and sub-batches) submitted to the model since
+            construction, bisection retries included.
+        abandoned_threads: model threads left behind because a forward passed
+            its timeout (see :meth:`run_isolated`); each may still hold the
+            model and its batch in memory until its forward returns.
     """
 
     def __init__(
@@ -90,11 +216,13 @@ class ModelRunner:
         self.last_inference_s: float | None = None
         self._preferred_device = device
         self._torch_threads = torch_threads
+        self.forward_calls = 0
+        self.abandoned_threads = 0
         self._started = False
         self._closed = False
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"autoglm-model-{model.name}"
-        )
+        self._generation = 0
+        self._abandoned: list[_ModelThread] = []
+        self._thread = self._new_thread()
 
     @property
     def name(self) -> str:
@@ -105,6 +233,12 @@ class ModelRunner:
     def started(self) -> bool:
         """Whether the model is loaded and :meth:`run` may be called."""
         return self._started
+
+    @property
+    def stuck_threads(self) -> int:
+        """Abandoned model threads still running their timed-out forward."""
+        self._abandoned = [t for t in self._abandoned if t.alive]
+        return len(self._abandoned)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -117,7 +251,7 @@ class ModelRunner:
         """
         self._check_open()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        await asyncio.wrap_future(self._thread.submit(self._load), loop=loop)
 
     def start_sync(self) -> None:
         """:meth:`start` for offline use (benchmarks, tests): blocks until loaded.
@@ -126,7 +260,7 @@ class ModelRunner:
             ModelLoadError: as :meth:`start`.
         """
         self._check_open()
-        self._executor.submit(self._load).result()
+        self._thread.submit(self._load).result()
 
     def close(self, *, wait: bool = True) -> None:
         """Shut the model thread down; queued batches that have not started are cancelled.
@@ -138,7 +272,7 @@ class ModelRunner:
             return
         self._closed = True
         self._started = False
-        self._executor.shutdown(wait=wait, cancel_futures=True)
+        self._thread.shutdown(wait=wait)
         logger.info("model %s: runner closed", self.name)
 
     def __enter__(self) -> "ModelRunner":
@@ -166,13 +300,142 @@ class ModelRunner:
             ModelError: the runner is not started or already closed.
         """
         self._check_running()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run_batch, list(items))
+        self.forward_calls += 1
+        return await asyncio.wrap_future(self._thread.submit(self._run_batch, list(items)))
 
     def run_sync(self, items: Sequence[Any]) -> list[np.ndarray]:
         """:meth:`run` for offline use: same thread, same checks, blocks until done."""
         self._check_running()
-        return self._executor.submit(self._run_batch, list(items)).result()
+        self.forward_calls += 1
+        return self._thread.submit(self._run_batch, list(items)).result()
+
+    async def run_isolated(self, items: Sequence[Any], *, timeout_s: float | None) -> list[ItemOutcome]:
+        """Run one micro-batch; isolate the tasks that make it fail; never wait past ``timeout_s``.
+
+        The batch runs as :meth:`run` does. When it raises
+        :class:`~autoglm.errors.InferenceError` (forward raised, or returned
+        the wrong rows or dtype), it is split in halves and each half retried,
+        recursively, down to single tasks: a task that fails alone gets an
+        error outcome, every other task its output. Halves run in order, one
+        at a time, on the model thread.
+
+        Work bound: with ``n`` tasks of which ``k`` fail (deterministically),
+        the sub-batches that fail are those holding a failing task, at most
+        ``k`` per level of the halving tree, so the forward calls number at
+        most ``min(2n - 1, 1 + 2k * ceil(log2 n))``: 1 for a clean batch,
+        ``1 + 2 * ceil(log2 n)`` for one bad task (15 for 128 tasks), and
+        ``2n - 1`` when every task fails (a broken model; see
+        :class:`~autoglm.models.fallback.FallbackRunner` for that case).
+
+        Timeout: each forward call (the whole batch, or one sub-batch while
+        bisecting) may take at most ``timeout_s``. One that takes longer is
+        abandoned: its tasks get ``inference_timeout`` errors
+        (:class:`~autoglm.errors.InferenceTimeoutError`), and so do the tasks
+        of the batch that have not been served yet, since a model that hangs
+        on a batch is not split (each half could hang as long again). The
+        stuck thread is left running (a daemon; counted in
+        :attr:`abandoned_threads`, logged as a warning) and a fresh model
+        thread serves the next batch. The stuck forward may still be using
+        the model when the next one starts on the fresh thread, so a model
+        must tolerate two concurrent forwards in that case (torch modules in
+        eval mode under ``inference_mode`` do).
+
+        Args:
+            items: prepared tasks (results of ``model.prepare``), in order.
+            timeout_s: seconds one forward call may take, > 0; ``None`` waits
+                for as long as the forward runs.
+
+        Returns:
+            One :class:`ItemOutcome` per item, in the order of ``items``;
+            ``output`` is float32 ``(rows_i, output_dim)``, ``served_by`` is
+            this model's name. No forward call for an empty ``items``.
+
+        Raises:
+            ConfigError: ``timeout_s`` is not ``None`` and not > 0.
+            ModelError: the runner is not started or already closed.
+        """
+        self._check_running()
+        if timeout_s is not None and not timeout_s > 0:
+            raise ConfigError(f"timeout_s must be > 0 seconds or None, got {timeout_s!r}")
+        batch = list(items)
+        outcomes: list[ItemOutcome | None] = [None] * len(batch)
+        pending = [(0, len(batch))] if batch else []  # half-open ranges, left half on top
+        while pending:
+            lo, hi = pending.pop()
+            try:
+                outputs = await self._forward(batch[lo:hi], timeout_s)
+            except InferenceTimeoutError as exc:
+                error = ItemError.of(exc)
+                unserved = ItemError(
+                    exc.code,
+                    f"model {self.name!r}: not run: another part of its batch timed out after {timeout_s} s",
+                    exc.retriable,
+                )
+                for i in range(lo, hi):
+                    outcomes[i] = ItemOutcome(self.name, error=error)
+                for rest_lo, rest_hi in pending:
+                    for i in range(rest_lo, rest_hi):
+                        outcomes[i] = ItemOutcome(self.name, error=unserved)
+                break
+            except InferenceError as exc:
+                if hi - lo == 1:
+                    outcomes[lo] = ItemOutcome(self.name, error=ItemError.of(exc))
+                    continue
+                mid = (lo + hi) // 2
+                logger.info(
+                    "model %s: a batch of %d failed (%s); retrying it in halves of %d and %d",
+                    self.name, hi - lo, exc, mid - lo, hi - mid,
+                )
+                pending.append((mid, hi))
+                pending.append((lo, mid))
+                continue
+            for i, output in zip(range(lo, hi), outputs):
+                outcomes[i] = ItemOutcome(self.name, output=output)
+        return [o for o in outcomes if o is not None]
+
+    async def _forward(self, items: list[Any], timeout_s: float | None) -> list[np.ndarray]:
+        """One forward call on the current model thread, bounded by ``timeout_s``.
+
+        Raises:
+            InferenceError: as :meth:`run`.
+            InferenceTimeoutError: the call took longer than ``timeout_s``; the
+                thread running it has been abandoned and replaced.
+        """
+        self._check_running()
+        self.forward_calls += 1
+        thread = self._thread
+        future = asyncio.wrap_future(thread.submit(self._run_batch, items))
+        if timeout_s is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            self._abandon(thread, timeout_s, len(items))
+            raise InferenceTimeoutError(
+                f"model {self.name!r}: forward of {len(items)} tasks did not return within {timeout_s} s",
+                timeout_s=timeout_s,
+                batch_size=len(items),
+            ) from None
+
+    def _abandon(self, thread: _ModelThread, timeout_s: float, batch_size: int) -> None:
+        """Leave ``thread`` to its stuck forward and start a fresh one for the next batch."""
+        if thread is not self._thread or self._closed:
+            return
+        self._thread = self._new_thread()
+        thread.shutdown(wait=False)  # queued calls are cancelled; the thread ends if the forward ever returns
+        self._abandoned.append(thread)
+        self.abandoned_threads += 1
+        logger.warning(
+            "model %s: a forward of %d tasks passed its %.3f s timeout; abandoned thread %s "
+            "(%d abandoned, %d still stuck) and started %s",
+            self.name, batch_size, timeout_s, thread.name, self.abandoned_threads,
+            self.stuck_threads, self._thread.name,
+        )
+
+    def _new_thread(self) -> _ModelThread:
+        name = f"autoglm-model-{self.model.name}_{self._generation}"
+        self._generation += 1
+        return _ModelThread(name)
 
     # -- on the model thread ------------------------------------------------
 
@@ -207,7 +470,8 @@ class ModelRunner:
             raise InferenceError(f"model {self.name!r}: forward failed: {exc!r}") from exc
         total = sum(counts)
         self._check_output(out, total)
-        self.last_inference_s = time.perf_counter() - t0
+        if threading.current_thread().name == self._thread.name:  # not a late, abandoned forward
+            self.last_inference_s = time.perf_counter() - t0
         bounds = np.cumsum(counts)[:-1]
         return np.split(out, bounds, axis=0)
 
