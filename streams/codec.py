@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import math
+import reprlib
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,54 @@ SUPPORTED_DTYPES: frozenset[str] = frozenset(
 )
 #: A tensor may have at most this many dimensions (numpy's own limit is 64).
 MAX_NDIM = 8
+#: Largest finite float32 value; a nested-list number beyond it would become inf.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# Error messages show what arrived, bounded in depth and length: a plain repr()
+# of a value nested ~1,000 deep (orjson accepts 1,024 levels) raises RecursionError.
+_PREVIEW = reprlib.Repr()
+_PREVIEW.maxlevel = 3
+_PREVIEW.maxlist = _PREVIEW.maxdict = 6
+_PREVIEW.maxstring = _PREVIEW.maxother = 60
+_PREVIEW.maxlong = 40
+
+
+def preview(value: Any, *, limit: int = 60) -> Any:
+    """What an error message may show of a decoded JSON value.
+
+    Returns ``value`` itself when its ``repr`` is safe and short: ``None``, a
+    bool, a float, an int of fewer than ``limit`` digits, a string of at most
+    ``limit`` characters, or a list / object of at most 16 such values nested
+    at most 3 deep. Otherwise a ``str`` of at most ``limit`` characters from
+    :mod:`reprlib`, nesting cut at 3 levels: never a deep recursion, whatever
+    the value.
+    """
+    if _small(value, limit):
+        return value
+    text = _PREVIEW.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _small(value: Any, limit: int) -> bool:
+    stack, seen = [(value, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if seen > 16 or depth > 3:
+            return False
+        if isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item[:17])
+        elif isinstance(item, dict):
+            stack.extend((v, depth + 1) for kv in itertools.islice(item.items(), 17) for v in kv)
+        elif isinstance(item, str):
+            if len(item) > limit:
+                return False
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if abs(item) >= 10**limit:
+                return False
+        elif not (item is None or isinstance(item, (bool, float))):
+            return False
+    return True
 
 
 def loads(raw: bytes | bytearray | memoryview | str) -> Any:
@@ -65,7 +115,7 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     arr = np.asarray(array)
     name = arr.dtype.name
     if name not in SUPPORTED_DTYPES:
-        raise TensorError("outputs.dtype", f"one of {sorted(SUPPORTED_DTYPES)}", name)
+        raise TensorError("outputs.dtype", f"one of {sorted(SUPPORTED_DTYPES)}", preview(name))
     if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
         raise TensorError("outputs.data", "finite numbers", "NaN or inf")
     little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
@@ -98,22 +148,22 @@ def decode_tensor(obj: Any, *, field: str = "inputs") -> np.ndarray:
     if not isinstance(obj, dict):
         raise TensorError(field, "a tensor object {dtype, shape, data} or a nested list", type(obj).__name__)
     dtype_name = obj.get("dtype")
-    if dtype_name not in SUPPORTED_DTYPES:
-        raise TensorError(f"{field}.dtype", f"one of {sorted(SUPPORTED_DTYPES)}", dtype_name)
+    if not isinstance(dtype_name, str) or dtype_name not in SUPPORTED_DTYPES:  # a list or object is unhashable
+        raise TensorError(f"{field}.dtype", f"one of {sorted(SUPPORTED_DTYPES)}", preview(dtype_name))
     shape = obj.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
-        raise TensorError(f"{field}.shape", f"a list of at most {MAX_NDIM} non-negative ints", shape)
+        raise TensorError(f"{field}.shape", f"a list of at most {MAX_NDIM} non-negative ints", preview(shape))
     data = obj.get("data")
     if not isinstance(data, str):
         raise TensorError(f"{field}.data", "a base64 string", type(data).__name__)
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise TensorError(f"{field}.data", "valid base64 (RFC 4648)", data) from None
+        raise TensorError(f"{field}.data", "valid base64 (RFC 4648)", preview(data)) from None
     dtype = np.dtype(dtype_name).newbyteorder("<")
     expected_bytes = math.prod(shape) * dtype.itemsize
     if len(raw) != expected_bytes:
@@ -125,24 +175,26 @@ def decode_tensor(obj: Any, *, field: str = "inputs") -> np.ndarray:
     try:
         arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
     except ValueError:  # e.g. an empty shape with an absurd dimension
-        raise TensorError(f"{field}.shape", "a shape numpy can hold", shape) from None
+        raise TensorError(f"{field}.shape", "a shape numpy can hold", preview(shape)) from None
     arr = arr.astype(dtype.newbyteorder("="), copy=True)
     _check_finite(arr, field)
     return arr
 
 
 def _decode_nested_list(obj: list, field: str) -> np.ndarray:
-    try:
-        arr = np.array(obj, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise TensorError(field, "a rectangular nested list of numbers", _preview(obj)) from None
-    if arr.ndim > MAX_NDIM:
-        raise TensorError(field, f"at most {MAX_NDIM} dimensions", arr.ndim)
     # np.array converts bools and numeric strings silently; the contract says numbers.
     if not _all_numbers(obj):
-        raise TensorError(field, "a rectangular nested list of numbers", _preview(obj))
-    _check_finite(arr, field)
-    return arr
+        raise TensorError(field, "a rectangular nested list of numbers", preview(obj))
+    try:  # float64 first: a number beyond float32's range is refused, not turned into inf
+        wide = np.array(obj, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        raise TensorError(field, "a rectangular nested list of numbers", preview(obj)) from None
+    if wide.ndim > MAX_NDIM:
+        raise TensorError(field, f"at most {MAX_NDIM} dimensions", wide.ndim)
+    _check_finite(wide, field)
+    if wide.size and np.abs(wide).max() > _FLOAT32_MAX:
+        raise TensorError(f"{field}.data", "finite numbers", f"{np.abs(wide).max():.4g}, beyond float32's range")
+    return wide.astype(np.float32)
 
 
 def _all_numbers(obj: Any) -> bool:
@@ -159,8 +211,3 @@ def _all_numbers(obj: Any) -> bool:
 def _check_finite(arr: np.ndarray, field: str) -> None:
     if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
         raise TensorError(f"{field}.data", "finite numbers", "NaN or inf")
-
-
-def _preview(obj: Any) -> str:
-    text = repr(obj)
-    return text if len(text) <= 60 else text[:57] + "..."

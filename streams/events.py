@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import numpy as np
 
 from autoglm.errors import EventDecodeError, EventValidationError, SchemaVersionError
-from autoglm.streams.codec import decode_tensor, dumps, encode_tensor, loads
+from autoglm.streams.codec import decode_tensor, dumps, encode_tensor, loads, preview
 
 TASK_SCHEMA = "autoglm.task/v1"
 RESULT_SCHEMA = "autoglm.result/v1"
@@ -216,29 +216,35 @@ def encode_result(result: Result) -> bytes:
 def decode_result(raw: bytes | bytearray | memoryview | str | None) -> Result:
     """Parse a result event (for clients reading ``<prefix>.results``).
 
+    ``model`` may be empty in a ``rejected`` result: the task named no
+    readable model.
+
     Raises:
         EventDecodeError, SchemaVersionError, EventValidationError, TensorError.
     """
     doc = _load_object(raw)
     _check_schema(doc, "result")
     status = doc.get("status")
-    if status not in RESULT_STATUSES:
-        raise EventValidationError("status", f"one of {RESULT_STATUSES}", status)
+    if not isinstance(status, str) or status not in RESULT_STATUSES:
+        raise EventValidationError("status", f"one of {RESULT_STATUSES}", _shown(status))
     outputs = doc.get("outputs")
     err = doc.get("error")
+    rejected_without_model = status == "rejected" and doc.get("model") == ""
+    model = "" if rejected_without_model else _req_str(doc, "model", max_len=MAX_ID_CHARS)
+    served_by = doc.get("served_by")
     return Result(
         id=_req_str(doc, "id", max_len=MAX_ID_CHARS),
-        model=_req_str(doc, "model", max_len=MAX_ID_CHARS),
+        model=model,
         status=status,
         outputs=None if outputs is None else decode_tensor(outputs, field="outputs"),
-        error=None if not isinstance(err, dict) else ErrorInfo(str(err.get("code")), str(err.get("message"))),
+        error=None if not isinstance(err, dict) else ErrorInfo(_text(err.get("code")), _text(err.get("message"))),
         batch_size=_opt_int(doc, "batch_size", default=0),
-        worker=str(doc.get("worker", "")),
+        worker=_text(doc.get("worker", "")),
         queue_ms=_opt_float(doc, "queue_ms"),
         inference_ms=_opt_float(doc, "inference_ms"),
         end_to_end_ms=_opt_float(doc, "end_to_end_ms"),
         attributes=_opt_str_map(doc, "attributes"),
-        served_by=doc.get("served_by") or doc.get("model"),
+        served_by=served_by if isinstance(served_by, str) and served_by else model,
     )
 
 
@@ -269,15 +275,15 @@ def decode_control(raw: bytes | bytearray | memoryview | str | None) -> ControlE
     _check_schema(doc, "control")
     command = doc.get("command")
     if command not in CONTROL_COMMANDS:
-        raise EventValidationError("command", f"one of {CONTROL_COMMANDS}", command)
+        raise EventValidationError("command", f"one of {CONTROL_COMMANDS}", _shown(command))
     target = doc.get("target") or {}
     if not isinstance(target, dict) or not all(
         k in ("model", "worker") and isinstance(v, str) for k, v in target.items()
     ):
-        raise EventValidationError("target", "an object with optional string 'model' and 'worker'", target)
+        raise EventValidationError("target", "an object with optional string 'model' and 'worker'", _shown(target))
     params = doc.get("params") or {}
     if not isinstance(params, dict):
-        raise EventValidationError("params", "an object", params)
+        raise EventValidationError("params", "an object", _shown(params))
     return ControlEvent(
         id=_req_str(doc, "id", max_len=MAX_ID_CHARS),
         command=command,
@@ -305,7 +311,7 @@ def _check_schema(doc: dict[str, Any], kind: str) -> None:
     schema = doc.get("schema")
     match = _SCHEMA_RE.match(schema) if isinstance(schema, str) else None
     if match is None or match["kind"] != kind:
-        raise SchemaVersionError(f"field 'schema': expected 'autoglm.{kind}/v1', got {schema!r}")
+        raise SchemaVersionError(f"field 'schema': expected 'autoglm.{kind}/v1', got {_shown(schema)!r}")
     if match["major"] != "1":
         raise SchemaVersionError(
             f"field 'schema': major version v{match['major']} is not supported (this worker reads v1)"
@@ -324,14 +330,14 @@ def _opt_int(doc: dict[str, Any], name: str, *, default: int) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise EventValidationError(name, "an integer", value)
+        raise EventValidationError(name, "an integer", _shown(value))
     return value
 
 
 def _opt_float(doc: dict[str, Any], name: str) -> float:
     value = doc.get(name, 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise EventValidationError(name, "a number", value)
+        raise EventValidationError(name, "a number", _shown(value))
     return float(value)
 
 
@@ -340,7 +346,7 @@ def _opt_epoch_ms(doc: dict[str, Any], name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < 2**53):
-        raise EventValidationError(name, "epoch milliseconds, a number >= 0", value)
+        raise EventValidationError(name, "epoch milliseconds, a number >= 0", _shown(value))
     return int(value)
 
 
@@ -349,7 +355,7 @@ def _opt_topic(doc: dict[str, Any], name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not TOPIC_NAME_RE.match(value):
-        raise EventValidationError(name, "a Kafka topic name ([a-zA-Z0-9._-], 1-249 chars)", value)
+        raise EventValidationError(name, "a Kafka topic name ([a-zA-Z0-9._-], 1-249 chars)", _shown(value))
     return value
 
 
@@ -358,7 +364,7 @@ def _opt_str_map(doc: dict[str, Any], name: str) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise EventValidationError(name, "an object of string values", value)
+        raise EventValidationError(name, "an object of string values", _shown(value))
     return value
 
 
@@ -367,5 +373,11 @@ def _readable(value: Any) -> str | None:
     return value if isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS else None
 
 
+def _text(value: Any) -> str:
+    """A string field of a result as text; another JSON value as its bounded preview."""
+    return value if isinstance(value, str) else str(preview(value))
+
+
 def _shown(value: Any) -> Any:
-    return "missing" if value is _MISSING else value
+    """``value`` as an error may show it: bounded in depth and length (see ``codec.preview``)."""
+    return "missing" if value is _MISSING else preview(value)
