@@ -5,7 +5,7 @@ the row axis, or a list of texts); a micro-batch concatenates the rows of its
 tasks, the model runs one forward over all of them, and the outputs are split
 back per task by row counts. A model that returns a different number of rows
 than it was given is an error for every task of the batch (as in Ray Serve's
-``@serve.batch``).
+``@serve.batch``). What a runner makes of each task is an :class:`ItemOutcome`.
 
 Nothing here imports Kafka.
 """
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import numpy as np
+
+from autoglm.errors import ModelError
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,3 +96,43 @@ class InferenceModel(abc.ABC):
         Returns:
             float32 numpy array ``(total_rows, output_dim)`` on the CPU.
         """
+
+
+@dataclass(frozen=True, slots=True)
+class ItemError:
+    """Why one task got no output: an :class:`~autoglm.errors.AutoGLMError` ``code``,
+    its message, and whether trying again later may succeed (``retriable``)."""
+
+    code: str
+    message: str
+    retriable: bool = False
+
+    @classmethod
+    def of(cls, exc: ModelError) -> "ItemError":
+        """The code, message and ``retriable`` flag of ``exc``."""
+        return cls(exc.code, str(exc), exc.retriable)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    """What a runner made of one task of a batch: an output or an error, never both.
+
+    Attributes:
+        served_by: registry name of the model that ran (or last tried) the task;
+            the primary's name unless a fallback served it.
+        output: float32 ``(rows, output_dim)`` when the task succeeded, else ``None``.
+        error: set when the task failed, else ``None``.
+    """
+
+    served_by: str
+    output: np.ndarray | None = None
+    error: ItemError | None = None
+
+    def __post_init__(self) -> None:
+        if (self.output is None) == (self.error is None):
+            raise ValueError("an ItemOutcome holds exactly one of output and error")
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task has an output."""
+        return self.error is None

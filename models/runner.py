@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,117 +33,14 @@ from autoglm.errors import (
     ModelError,
     ModelLoadError,
 )
-from autoglm.models.base import InferenceModel
+from autoglm.models.base import InferenceModel, ItemError, ItemOutcome
+from autoglm.models.thread import ModelThread
 
 logger = logging.getLogger(__name__)
 
 _DEVICES = ("cpu", "cuda")
-_T = TypeVar("_T")
 
-
-@dataclass(frozen=True, slots=True)
-class ItemError:
-    """Why one task got no output: an :class:`~autoglm.errors.AutoGLMError` ``code``,
-    its message, and whether trying again later may succeed (``retriable``)."""
-
-    code: str
-    message: str
-    retriable: bool = False
-
-    @classmethod
-    def of(cls, exc: ModelError) -> "ItemError":
-        """The code, message and ``retriable`` flag of ``exc``."""
-        return cls(exc.code, str(exc), exc.retriable)
-
-
-@dataclass(frozen=True, slots=True)
-class ItemOutcome:
-    """What a runner made of one task of a batch: an output or an error, never both.
-
-    Attributes:
-        served_by: registry name of the model that ran (or last tried) the task;
-            the primary's name unless a fallback served it.
-        output: float32 ``(rows, output_dim)`` when the task succeeded, else ``None``.
-        error: set when the task failed, else ``None``.
-    """
-
-    served_by: str
-    output: np.ndarray | None = None
-    error: ItemError | None = None
-
-    def __post_init__(self) -> None:
-        if (self.output is None) == (self.error is None):
-            raise ValueError("an ItemOutcome holds exactly one of output and error")
-
-    @property
-    def ok(self) -> bool:
-        """Whether the task has an output."""
-        return self.error is None
-
-
-class _ModelThread:
-    """One daemon thread that runs submitted calls in order; returns ``concurrent.futures.Future``.
-
-    Like ``ThreadPoolExecutor(max_workers=1)``, except that its thread is a
-    daemon: the executor's threads are joined at interpreter exit, so one
-    stuck in a forward that never returns would keep the process alive.
-    """
-
-    def __init__(self, name: str):
-        self.name = name
-        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._lock = threading.Lock()
-        self._shutdown = False
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the thread is still running (a stuck forward keeps it alive)."""
-        return self._thread.is_alive()
-
-    def submit(self, fn: Callable[..., _T], *args: Any) -> "Future[_T]":
-        """Queue ``fn(*args)``; raises RuntimeError after :meth:`shutdown`."""
-        with self._lock:
-            if self._shutdown:
-                raise RuntimeError(f"model thread {self.name} is shut down")
-            future: Future[_T] = Future()
-            self._jobs.put((future, fn, args))
-        return future
-
-    def shutdown(self, *, wait: bool) -> None:
-        """Cancel queued calls, let the thread end after its current call; ``wait``: join it."""
-        with self._lock:
-            if not self._shutdown:
-                self._shutdown = True
-                while True:
-                    try:
-                        job = self._jobs.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is not None:
-                        job[0].cancel()
-                self._jobs.put(None)
-        if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # delivered to the awaiting side, as an executor does
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-            del job, future, fn, args
+__all__ = ["ItemError", "ItemOutcome", "ModelRunner", "select_device"]
 
 
 def select_device(preferred: str | None = None) -> str:
@@ -221,7 +115,7 @@ class ModelRunner:
         self._started = False
         self._closed = False
         self._generation = 0
-        self._abandoned: list[_ModelThread] = []
+        self._abandoned: list[ModelThread] = []
         self._thread = self._new_thread()
 
     @property
@@ -338,7 +232,10 @@ class ModelRunner:
         thread serves the next batch. The stuck forward may still be using
         the model when the next one starts on the fresh thread, so a model
         must tolerate two concurrent forwards in that case (torch modules in
-        eval mode under ``inference_mode`` do).
+        eval mode under ``inference_mode`` do). The timeout counts from
+        submission, so call it for one batch at a time per runner (as the
+        micro-batcher does): a batch queued behind another would spend part
+        of its time waiting.
 
         Args:
             items: prepared tasks (results of ``model.prepare``), in order.
@@ -417,7 +314,7 @@ class ModelRunner:
                 batch_size=len(items),
             ) from None
 
-    def _abandon(self, thread: _ModelThread, timeout_s: float, batch_size: int) -> None:
+    def _abandon(self, thread: ModelThread, timeout_s: float, batch_size: int) -> None:
         """Leave ``thread`` to its stuck forward and start a fresh one for the next batch."""
         if thread is not self._thread or self._closed:
             return
@@ -432,10 +329,10 @@ class ModelRunner:
             self.stuck_threads, self._thread.name,
         )
 
-    def _new_thread(self) -> _ModelThread:
+    def _new_thread(self) -> ModelThread:
         name = f"autoglm-model-{self.model.name}_{self._generation}"
         self._generation += 1
-        return _ModelThread(name)
+        return ModelThread(name)
 
     # -- on the model thread ------------------------------------------------
 
