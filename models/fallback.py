@@ -177,6 +177,16 @@ class FallbackRunner:
         return self.policy.degraded
 
     @property
+    def forward_calls(self) -> int:
+        """Forward calls of both models so far (see :attr:`ModelRunner.forward_calls`)."""
+        return self.primary.forward_calls + self.fallback.forward_calls
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Model threads both models left behind after timeouts (see :attr:`ModelRunner.abandoned_threads`)."""
+        return self.primary.abandoned_threads + self.fallback.abandoned_threads
+
+    @property
     def device(self) -> str | None:
         """The device of the model that serves now (the primary's unless it is not loaded)."""
         return (self.primary if self.primary.started else self.fallback).device

@@ -74,13 +74,13 @@ class ModelRegistry:
 
         Raises:
             UnknownModelError: ``name`` or ``fallback`` is not registered.
-            ValueError: ``fallback`` is ``name`` itself.
+            ConfigError: ``fallback`` is ``name`` itself.
         """
         entry = self._entry(name)
         if fallback is not None:
             self._entry(fallback)
             if fallback == name:
-                raise ValueError(f"model {name!r} cannot be its own fallback")
+                raise ConfigError(f"model {name!r} cannot be its own fallback")
         self._entries[name] = dataclasses.replace(entry, fallback=fallback)
 
     def fallback_of(self, name: str) -> str | None:

@@ -197,6 +197,7 @@ async def test_tasks_of_a_hanging_primary_time_out_and_are_served_by_the_fallbac
     outcomes = await r.run_isolated(items(2), timeout_s=TIMEOUT_S)
     assert served(outcomes) == "backup"
     assert r.primary.abandoned_threads == 1 and r.policy.consecutive_failures == 1
+    assert r.abandoned_threads == 1 and r.forward_calls == 2  # one primary call (not bisected), one fallback
 
 
 async def test_a_task_that_fails_on_both_models_names_both_failures(runner):
@@ -280,7 +281,7 @@ def test_registry_set_fallback_checks_names():
     assert reg.fallback_of("main") is None
     with pytest.raises(UnknownModelError, match="'nope'"):
         reg.set_fallback("main", "nope")
-    with pytest.raises(ValueError, match="its own fallback"):
+    with pytest.raises(ConfigError, match="its own fallback"):
         reg.set_fallback("main", "main")
     with pytest.raises(ValueError, match="its own fallback"):
         reg.register("solo", lambda: ScaleModel("solo", 1.0), fallback="solo")
