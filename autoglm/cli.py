@@ -1,4 +1,4 @@
-"""The ``autoglm`` command: worker, publish, results, demo."""
+"""The ``autoglm`` command: worker, publish, results, demo, ctl, status."""
 
 from __future__ import annotations
 
@@ -43,6 +43,16 @@ def _need_broker(settings: Settings) -> list[str]:
                    "the worker uses)", err=True)
         raise typer.Exit(2)
     return settings.bootstrap_list
+
+
+def _kafka_kwargs(settings: Settings) -> dict:
+    from autoglm.streams.security import client_kwargs
+
+    try:
+        return client_kwargs(settings)
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -104,7 +114,7 @@ def publish(
             records = task_sources.digit_records(digits, run_id, settings.topic_prefix)
         else:
             records = task_sources.text_records(text_file, run_id, settings.topic_prefix, model)
-        count = asyncio.run(task_sources.send_records(servers, records))
+        count = asyncio.run(task_sources.send_records(servers, records, _kafka_kwargs(settings)))
     except AutoGLMError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -126,7 +136,8 @@ def results(
     settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
     servers = _need_broker(settings)
     try:
-        asyncio.run(follow_results(servers, settings.topic_prefix, from_beginning, count, timeout_s, as_json))
+        asyncio.run(follow_results(servers, settings.topic_prefix, from_beginning, count, timeout_s, as_json,
+                                   _kafka_kwargs(settings)))
     except AutoGLMError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -154,6 +165,178 @@ def demo(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     raise typer.Exit(0 if summary["results"] == summary["tasks"] else 1)
+
+
+ctl = typer.Typer(
+    help="Steer running workers through the control topic: pause, resume, drain, configure, status.",
+    no_args_is_help=True,
+)
+app.add_typer(ctl, name="ctl")
+
+ModelOpt = typer.Option(None, "--model", "-m", help="only this model's stream (default: every model)")
+WorkerOpt = typer.Option(None, "--worker", "-w", help="only this worker id (default: every worker)")
+WaitOpt = typer.Option(False, "--wait", help="return when every live worker has acknowledged; exit 1 naming "
+                                              "the workers that did not within --timeout-s")
+TimeoutOpt = typer.Option(30.0, "--timeout-s", help="seconds --wait waits for acknowledgements")
+JsonOpt = typer.Option(False, "--json", help="print the outcome as one JSON object")
+
+
+def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wait: bool, timeout_s: float,
+             as_json: bool, bootstrap_servers: Optional[str], prefix: Optional[str],
+             params: Optional[dict] = None) -> None:
+    from autoglm.streams.control import ControlClient
+
+    settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
+    servers = _need_broker(settings)
+
+    async def go():
+        async with ControlClient(servers, prefix=settings.topic_prefix, key=settings.control_key_bytes,
+                                 client_kwargs=_kafka_kwargs(settings)) as client:
+            return await client.command(command, model=model, worker=worker_id, params=params, wait=wait,
+                                        timeout_s=timeout_s)
+
+    try:
+        outcome = asyncio.run(go())
+    except (AutoGLMError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
+    _print_outcome(outcome, wait=wait, as_json=as_json)
+    if wait and not outcome.ok:
+        raise typer.Exit(1)
+
+
+def _print_outcome(outcome, *, wait: bool, as_json: bool) -> None:
+    import orjson
+
+    ev = outcome.event
+    if as_json:
+        typer.echo(orjson.dumps({
+            "event_id": ev.id, "command": ev.command, "target": ev.target, "params": ev.params,
+            "expected": sorted(outcome.expected), "missing": sorted(outcome.missing),
+            "elapsed_ms": round(outcome.elapsed_s * 1000.0, 1), "ok": outcome.ok, "acks": outcome.acks,
+        }).decode())
+        return
+    what = f"{ev.command} {ev.target or 'all'}" + (f" {ev.params}" if ev.params else "")
+    typer.echo(f"sent {what} (event {ev.id})")
+    if not wait:
+        return
+    if not outcome.expected and not outcome.acks:
+        typer.echo("no live worker (none sent a heartbeat recently); the state is kept in the control topic "
+                   "and applies to workers when they start")
+        return
+    for worker_id, ack in sorted(outcome.acks.items()):
+        extra = f" {ack['reason']}" if ack.get("reason") else ""
+        typer.echo(f"  {worker_id}: {ack.get('status')} in {ack['latency_ms']:.0f} ms{extra}")
+    if outcome.missing:
+        typer.echo(f"error: no acknowledgement within the timeout from: {', '.join(sorted(outcome.missing))}",
+                   err=True)
+    rejected = sorted(w for w, a in outcome.acks.items() if a.get("status") not in ("ok", "ignored"))
+    if rejected:
+        typer.echo(f"error: not applied by: {', '.join(rejected)}", err=True)
+
+
+@ctl.command("pause")
+def ctl_pause(model: Optional[str] = ModelOpt, worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
+              timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
+              bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Stop fetching tasks (in-flight tasks finish and commit). Survives rebalances and restarts."""
+    _control("pause", model=model, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
+             bootstrap_servers=bootstrap_servers, prefix=prefix)
+
+
+@ctl.command("resume")
+def ctl_resume(model: Optional[str] = ModelOpt, worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
+               timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
+               bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Fetch again; without --model it also ends a drain."""
+    _control("resume", model=model, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
+             bootstrap_servers=bootstrap_servers, prefix=prefix)
+
+
+@ctl.command("drain")
+def ctl_drain(worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt, timeout_s: float = TimeoutOpt,
+              as_json: bool = JsonOpt, bootstrap_servers: Optional[str] = BootstrapOpt,
+              prefix: Optional[str] = PrefixOpt) -> None:
+    """Stop fetching, finish and commit everything in flight, then acknowledge (before a deploy)."""
+    _control("drain", model=None, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
+             bootstrap_servers=bootstrap_servers, prefix=prefix)
+
+
+@ctl.command("configure")
+def ctl_configure(
+    model: Optional[str] = ModelOpt,
+    worker_id: Optional[str] = WorkerOpt,
+    latency_target_s: Optional[float] = typer.Option(None, help="p99 end-to-end target of the adaptive batcher, s"),
+    max_batch_size: Optional[int] = typer.Option(None, help="tasks per micro-batch at most"),
+    max_wait_s: Optional[float] = typer.Option(None, help="seconds a fixed-mode batch waits for more tasks"),
+    mode: Optional[str] = typer.Option(None, help="adaptive or fixed"),
+    wait: bool = WaitOpt, timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
+    bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt,
+) -> None:
+    """Re-tune batching while running (kept in the control topic, so restarted workers get it too)."""
+    params = {k: v for k, v in (("latency_target_s", latency_target_s), ("max_batch_size", max_batch_size),
+                                ("max_wait_s", max_wait_s), ("mode", mode)) if v is not None}
+    _control("configure", model=model, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
+             bootstrap_servers=bootstrap_servers, prefix=prefix, params=params)
+
+
+@ctl.command("status")
+def ctl_status(worker_id: Optional[str] = WorkerOpt, timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
+               bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Ask every live worker for its state and wait for the answers."""
+    _control("status", model=None, worker_id=worker_id, wait=True, timeout_s=timeout_s, as_json=as_json,
+             bootstrap_servers=bootstrap_servers, prefix=prefix)
+
+
+@app.command()
+def status(
+    as_json: bool = JsonOpt,
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+    prefix: Optional[str] = PrefixOpt,
+) -> None:
+    """Print a table of the live workers and their models, from their latest heartbeats."""
+    from autoglm.streams.control import ControlClient
+
+    settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
+    servers = _need_broker(settings)
+
+    async def go():
+        async with ControlClient(servers, prefix=settings.topic_prefix,
+                                 client_kwargs=_kafka_kwargs(settings)) as client:
+            return await client.live_workers()
+
+    try:
+        live = asyncio.run(go())
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps(live).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(live)} live worker(s)")
+    for col in ("worker", "model", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "target", "queue", "lag",
+                "in flight"):
+        table.add_column(col, justify="left" if col in ("worker", "model", "state") else "right")
+
+    def num(value, fmt="{:.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    for worker_id, hb in sorted(live.items()):
+        state = hb.get("state", {})
+        for model, fig in sorted(hb.get("models", {}).items()):
+            mstate = state.get("models", {}).get(model, {})
+            label = ("drained" if state.get("drained") else "draining" if state.get("draining")
+                     else "paused" if mstate.get("paused") else "running")
+            table.add_row(worker_id, model, label, num(fig.get("throughput_per_s")), num(fig.get("p50_ms")),
+                          num(fig.get("p99_ms")), num(fig.get("mean_batch_size")),
+                          num(fig.get("target_size"), "{}"), num(fig.get("queue_depth"), "{}"),
+                          num(fig.get("lag"), "{}"), num(hb.get("in_flight"), "{}"))
+    Console().print(table)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from autoglm.errors import ConfigError
@@ -45,6 +45,16 @@ class Settings(BaseSettings):
       ``heartbeat_interval_s=3``: Kafka's consumer defaults (KIP-735). The
       embedded broker uses 6 s / 6 s / 1 s because its group join waits about
       half of them (ARCHITECTURE.md).
+    - ``max_poll_interval_s=300``: Kafka's ``max.poll.interval.ms`` default.
+      A paused worker keeps polling, so a pause longer than this is safe.
+    - ``status_interval_s=5``: heartbeats on ``<prefix>.status``; a worker
+      silent for three intervals counts as gone (``autoglm ctl --wait``).
+    - ``drain_timeout_s=120``: the longest a drain waits for in-flight tasks.
+    - ``control_key``: unset means control events are not signed (fine on a
+      private broker); set it (>= 16 chars) on every worker and ops client to
+      require HMAC-SHA256 signatures.
+    - ``security_protocol`` and the ``ssl_*``/``sasl_*`` settings go to every
+      Kafka client the project creates (Kafka's own names and meanings).
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
@@ -73,6 +83,19 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(default=45.0, gt=0.0)
     heartbeat_interval_s: float = Field(default=3.0, gt=0.0)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # control plane
+    max_poll_interval_s: float = Field(default=300.0, gt=0.0)
+    status_interval_s: float = Field(default=5.0, gt=0.0, le=3600.0)
+    drain_timeout_s: float = Field(default=120.0, gt=0.0)
+    control_key: SecretStr | None = Field(default=None, description="shared HMAC-SHA256 key; control events must be signed")
+    # broker security, passed to every Kafka client (producer, consumers, admin)
+    security_protocol: str = Field(default="PLAINTEXT", pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    sasl_mechanism: str | None = Field(default=None, pattern=r"^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$")
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
 
     @field_validator("models", mode="before")
     @classmethod
@@ -90,7 +113,20 @@ class Settings(BaseSettings):
                 "heartbeat_interval_s (AUTOGLM_HEARTBEAT_INTERVAL_S) must be below "
                 "session_timeout_s (AUTOGLM_SESSION_TIMEOUT_S)"
             )
+        if self.security_protocol.startswith("SASL") and not (self.sasl_mechanism and self.sasl_username
+                                                             and self.sasl_password is not None):
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password "
+                "(AUTOGLM_SASL_MECHANISM, AUTOGLM_SASL_USERNAME, AUTOGLM_SASL_PASSWORD)"
+            )
+        if self.control_key is not None and len(self.control_key.get_secret_value()) < 16:
+            raise ValueError("control_key (AUTOGLM_CONTROL_KEY) must be at least 16 characters")
         return self
+
+    @property
+    def control_key_bytes(self) -> bytes | None:
+        """The HMAC key of control events, or None when control events are not signed."""
+        return None if self.control_key is None else self.control_key.get_secret_value().encode()
 
     @property
     def embedded(self) -> bool:

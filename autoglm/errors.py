@@ -193,3 +193,9 @@ class EmbeddedBrokerError(BrokerError):
 
     code = "embedded_broker"
     retriable = False
+
+
+class ControlSignatureError(EventError):
+    """A control event is unsigned or its HMAC-SHA256 signature does not match (a key is configured)."""
+
+    code = "bad_signature"

@@ -94,8 +94,11 @@ def _open_text(path: Path) -> Iterable[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-async def send_records(servers: list[str], records: list[Record]) -> int:
-    """Publish records pipelined with a progress bar; returns the count once all are acknowledged."""
+async def send_records(servers: list[str], records: list[Record], client_kwargs: dict | None = None) -> int:
+    """Publish records pipelined with a progress bar; returns the count once all are acknowledged.
+
+    ``client_kwargs``: security arguments (see :func:`autoglm.streams.security.client_kwargs`).
+    """
     import asyncio
 
     from aiokafka import AIOKafkaProducer
@@ -106,14 +109,14 @@ async def send_records(servers: list[str], records: list[Record]) -> int:
 
     for topic in sorted({topic for topic, _, _ in records}):
         try:
-            await partitions_of(servers, topic, timeout_s=3.0)
+            await partitions_of(servers, topic, timeout_s=3.0, client_kwargs=client_kwargs)
         except BrokerError:
             raise BrokerError(
                 f"topic {topic!r} does not exist: is a worker serving that model with this prefix? "
                 "(workers create their models' topics at start)"
             ) from None
     producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5,
-                                max_request_size=4 * 1024 * 1024)
+                                max_request_size=4 * 1024 * 1024, **(client_kwargs or {}))
     try:
         await producer.start()
         futures = []
@@ -137,7 +140,7 @@ def _stderr_console():
 
 
 async def follow_results(servers: list[str], prefix: str, from_beginning: bool, count: int | None,
-                         timeout_s: float | None, as_json: bool) -> int:
+                         timeout_s: float | None, as_json: bool, client_kwargs: dict | None = None) -> int:
     """Print results as they arrive; returns how many were printed."""
     from autoglm.streams.client import ResultReader
     from autoglm.streams.codec import dumps
@@ -145,7 +148,8 @@ async def follow_results(servers: list[str], prefix: str, from_beginning: bool, 
 
     seen = 0
     last = time.monotonic()
-    async with ResultReader(servers, prefix=prefix, from_beginning=from_beginning) as reader:
+    async with ResultReader(servers, prefix=prefix, from_beginning=from_beginning,
+                            **(client_kwargs or {})) as reader:
         while count is None or seen < count:
             batch = await reader.batches(0.5)
             if not batch:

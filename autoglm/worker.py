@@ -11,6 +11,7 @@ from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.models import ModelRunner, default_registry
 from autoglm.streams.embedded import EmbeddedBroker
+from autoglm.streams.security import client_kwargs
 from autoglm.streams.topics import TopicNames, ensure_topics
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def prepare_topics(settings: Settings) -> list[str]:
             partitions=settings.partitions,
             replication_factor=settings.replication_factor,
             max_message_bytes=settings.max_message_bytes,
+            client_kwargs=client_kwargs(settings),
         )
     )
 

@@ -79,3 +79,60 @@ class PrometheusMetrics(BatchMetrics):
         self.spread.labels(model).set(sigma_s)
         self.target.labels(model).set(target_size)
         self.correction.labels(model).set(correction)
+
+
+class WindowStats:
+    """Per-model figures over one heartbeat window (reset by :meth:`take`).
+
+    Keeps at most ``max_samples`` latencies per window (the most recent ones),
+    so memory is bounded however fast results flow; percentiles are then over
+    those samples (nearest-rank, as ``numpy.percentile(method="inverted_cdf")``).
+
+    Args:
+        max_samples: latencies kept per window.
+    """
+
+    def __init__(self, max_samples: int = 10_000):
+        from collections import deque
+
+        self._latencies_s: "deque[float]" = deque(maxlen=max_samples)
+        self.results = 0
+        self.batches = 0
+        self.batched_tasks = 0
+
+    def observe_batch(self, size: int, end_to_end_s: Sequence[float]) -> None:
+        """One served batch of ``size`` tasks and their end-to-end latencies in seconds."""
+        self.batches += 1
+        self.batched_tasks += size
+        self.results += len(end_to_end_s)
+        self._latencies_s.extend(end_to_end_s)
+
+    def take(self, window_s: float, *, reset: bool = True) -> dict[str, float | int | None]:
+        """The window's figures, then (with ``reset``) start a new window.
+
+        Args:
+            window_s: the window's length in seconds (for the throughput).
+            reset: start a new window (heartbeats do; an on-demand status report does not).
+
+        Returns:
+            ``results``, ``throughput_per_s``, ``p50_ms``, ``p99_ms`` (None when no
+            result), ``mean_batch_size`` (None when no batch).
+        """
+        lat = sorted(self._latencies_s)
+
+        def rank(q: float) -> float | None:
+            if not lat:
+                return None
+            return lat[max(0, min(len(lat) - 1, int(-(-q * len(lat) // 1)) - 1))] * 1000.0
+
+        out = {
+            "results": self.results,
+            "throughput_per_s": self.results / window_s if window_s > 0 else None,
+            "p50_ms": rank(0.50),
+            "p99_ms": rank(0.99),
+            "mean_batch_size": self.batched_tasks / self.batches if self.batches else None,
+        }
+        if reset:
+            self._latencies_s.clear()
+            self.results = self.batches = self.batched_tasks = 0
+        return out

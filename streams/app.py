@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP
 from mode import Service
 
 from autoglm.config import Settings
+from autoglm.processors.control import ControlState
 from autoglm.processors.adaptive import AdaptiveBatchPolicy
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.metrics import BatchMetrics, PrometheusMetrics
+from autoglm.streams.control import ControlPlane
 from autoglm.streams.pipeline import TaskPipeline
+from autoglm.streams.security import client_kwargs, faust_credentials
 from autoglm.streams.topics import TopicCache, TopicNames
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_request_timeout=max(90.0, settings.session_timeout_s + 5.0),
+        broker_max_poll_interval=settings.max_poll_interval_s,
         stream_buffer_maxsize=max(256, settings.max_in_flight),
         # an exception or cancellation in the agent must never ack a record
         stream_ack_exceptions=False,
@@ -57,23 +63,105 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         topic_allow_declare=False,
         web_enabled=False,
         store="memory://",
+        datadir=str(settings_datadir(settings)),
+        **faust_credentials(settings),
     )
+
+
+def settings_datadir(settings: Settings) -> "Any":
+    """faust's data directory: under the cache dir, never the working directory."""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("AUTOGLM_CACHE_DIR") or Path.home() / ".cache" / "autoglm")
+    path = root / "faust"  # faust keeps nothing there for us (memory store), but wants the folder
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+#: A partition no worker is ever assigned: fetched from when every assigned
+#: partition is paused, so that the client keeps polling (see PausableConsumer).
+KEEPALIVE_TP = TP("__autoglm_keepalive__", 0)
+
+
+class PausableConsumer(faust_aiokafka.Consumer):
+    """faust's aiokafka consumer with pause as a desired state.
+
+    faust's own ``pause_partitions`` is forgotten on every rebalance (its
+    recovery resumes every assigned partition). Here the set of partitions
+    fetched from is filtered by ``is_paused(tp)`` on every fetch, so a paused
+    stream stays paused across rebalances and restarts with no re-application
+    step that could be missed, and resumes on the next fetch after a resume.
+
+    When every assigned partition is paused, faust would stop calling the
+    client's fetch (it sleeps instead), the client would count the consumer
+    idle, and after ``max.poll.interval.ms`` leave the group. Instead we fetch
+    from :data:`KEEPALIVE_TP`, which is never assigned: the fetch returns no
+    records but counts as a poll, so a paused worker stays in its group however
+    long the pause. A fetch already waiting when the pause is applied may
+    return records of the paused partitions: they are not delivered but handed
+    back (the partition's position is set to the first of them), so the pause
+    takes effect at once and they are fetched again, in order, after the resume.
+    """
+
+    is_paused: Callable[[TP], bool] = staticmethod(lambda tp: False)
+
+    async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
+        if active_partitions:
+            active_partitions = {tp for tp in active_partitions if not self.is_paused(tp)} or {KEEPALIVE_TP}
+        records = await super()._getmany(active_partitions, timeout)
+        for tp in [tp for tp, recs in records.items() if recs and self.is_paused(tp)]:
+            # paused while this fetch was waiting: hand the records back to Kafka (seek to the first),
+            # so that the pause takes effect at once instead of after the fetch timeout
+            first = records.pop(tp)[0].offset
+            await self._seek(tp, first)
+        return records
+
+
+class PausableTransport(faust_aiokafka.Transport):
+    Consumer = PausableConsumer
+
+
+class WorkerApp(faust.App):
+    """faust app whose consumer keeps pause as desired state (:class:`PausableConsumer`).
+
+    Set :attr:`fetch_paused` (``TP -> bool``) before the app starts.
+    """
+
+    fetch_paused: Callable[[TP], bool] = staticmethod(lambda tp: False)
+
+    def _new_transport(self) -> Any:
+        return PausableTransport(self.conf.broker_consumer, self)
+
+    def _new_consumer(self) -> Any:
+        consumer = super()._new_consumer()
+        consumer.is_paused = lambda tp: self.fetch_paused(tp)
+        return consumer
 
 
 class PipelineService(Service):
     """Starts the pipeline's batchers with the app and drains it on stop."""
 
-    def __init__(self, pipeline: TaskPipeline, topics: TopicCache, **kwargs: Any):
+    def __init__(self, pipeline: TaskPipeline, topics: TopicCache, control: ControlPlane | None = None,
+                 closing: list[Callable[[], Any]] | None = None, **kwargs: Any):
         self.pipeline = pipeline
         self.topics = topics
+        self.control = control
+        self.closing = closing or []
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
         self.pipeline.start()
+        if self.control is not None:
+            await self.control.start()
 
     async def on_stop(self) -> None:
         await self.pipeline.stop()
+        if self.control is not None:
+            await self.control.stop()
         await self.topics.close()
+        for close in self.closing:
+            await close()
 
 
 def build_worker_app(
@@ -87,7 +175,7 @@ def build_worker_app(
         ``(app, pipeline)``; run the app with :func:`run_app`.
     """
     names = TopicNames(settings.topic_prefix)
-    app = faust.App(settings.consumer_group, **faust_settings(settings))
+    app = WorkerApp(settings.consumer_group, **faust_settings(settings))
     if policies is None:
         policies = {
             name: AdaptiveBatchPolicy(settings.latency_target_s, settings.max_batch_size, settings.max_wait_s,
@@ -112,7 +200,8 @@ def build_worker_app(
     def on_fatal(exc: BaseException) -> None:
         asyncio.ensure_future(app.crash(exc))
 
-    topics = TopicCache(settings.bootstrap_list)
+    kafka_kwargs = client_kwargs(settings)
+    topics = TopicCache(settings.bootstrap_list, client_kwargs=kafka_kwargs)
     pipeline = TaskPipeline(
         names=names,
         worker_id=settings.worker_id,
@@ -134,6 +223,25 @@ def build_worker_app(
         allow_empty=True,
     )
 
+    state = ControlState(settings.worker_id, list(runners))
+    app.fetch_paused = lambda tp: state.is_paused(names.model_of(tp.topic))
+    lag = GroupLag(app, names, settings, kafka_kwargs)
+    control = ControlPlane(
+        bootstrap_servers=settings.bootstrap_list,
+        names=names,
+        state=state,
+        produce=lambda topic, key, value: app.producer.send(topic, key, value, None, None, None),
+        configure=lambda model, params: pipeline.configure(model, **params),
+        drain=lambda: _drain(app, pipeline),
+        figures=pipeline.figures,
+        lag=lag.per_model,
+        in_flight=lambda: pipeline.in_flight,
+        key=settings.control_key_bytes,
+        status_interval_s=settings.status_interval_s,
+        drain_timeout_s=settings.drain_timeout_s,
+        client_kwargs=kafka_kwargs,
+    )
+
     @app.agent(task_topic, name="autoglm-tasks")
     async def serve_tasks(stream: faust.StreamT) -> None:
         async for event in stream.noack().events():
@@ -144,8 +252,60 @@ def build_worker_app(
     async def on_revoked(app_: faust.App, revoked: set, **kwargs: Any) -> None:
         pipeline.revoke([(tp.topic, tp.partition) for tp in revoked])
 
-    app.service(PipelineService(pipeline, topics))
+    app.service(PipelineService(pipeline, topics, control, closing=[lag.close]))
+    app.control = control  # type: ignore[attr-defined]
     return app, pipeline
+
+
+async def _drain(app: faust.App, pipeline: TaskPipeline) -> dict[str, Any]:
+    """Wait until every fetched record is answered, acknowledged and committed.
+
+    The fetch predicate already excludes every partition (the state is
+    ``draining``); records fetched just before are still delivered, so this
+    loops until a quiet check finds nothing unacknowledged, then commits.
+    """
+    consumer = app.consumer
+    while True:
+        await consumer.wait_empty()  # every record handed to the stream acked (it commits as it goes)
+        await pipeline.wait_idle()
+        await asyncio.sleep(0.2)  # one more fetch cycle: a fetch in progress at the pause may still deliver
+        if not pipeline.in_flight and not consumer._unacked_messages:
+            break
+    await consumer.commit()
+    return {"in_flight": pipeline.in_flight, "served": pipeline.counters.received}
+
+
+class GroupLag:
+    """Consumer lag per model over this worker's partitions: log end offset minus committed offset
+    (the LAG column of ``kafka-consumer-groups.sh``)."""
+
+    def __init__(self, app: faust.App, names: TopicNames, settings: Settings, kafka_kwargs: dict):
+        self.app, self.names, self.settings, self.kafka_kwargs = app, names, settings, kafka_kwargs
+        self._admin: Any = None
+
+    async def per_model(self) -> dict[str, int | None]:
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        assigned = [tp for tp in self.app.consumer.assignment() if self.names.model_of(tp.topic)]
+        if not assigned:
+            return {}
+        if self._admin is None:
+            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_list, **self.kafka_kwargs)
+            await self._admin.start()
+        ends = await self.app.consumer.highwaters(*assigned)
+        committed = await self._admin.list_consumer_group_offsets(self.settings.consumer_group, partitions=assigned)
+        lags: dict[str, int | None] = {}
+        for tp in assigned:
+            model = self.names.model_of(tp.topic)
+            meta = committed.get(tp)
+            done = meta.offset if meta is not None and meta.offset >= 0 else 0
+            lags[model] = (lags.get(model) or 0) + max(0, ends.get(tp, done) - done)
+        return lags
+
+    async def close(self) -> None:
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
 
 
 def run_app(app: faust.App, *, log_level: str = "INFO") -> int:

@@ -116,6 +116,8 @@ class ResultReader:
         self.topic = topic or TopicNames(prefix).results
         self._bootstrap = bootstrap_servers
         self.from_beginning = from_beginning
+        self._security = {k: v for k, v in consumer_kwargs.items()
+                          if k == "security_protocol" or k == "ssl_context" or k.startswith("sasl_")}
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
@@ -125,7 +127,7 @@ class ResultReader:
 
     async def __aenter__(self) -> "ResultReader":
         try:
-            parts = await partitions_of(self._bootstrap, self.topic)
+            parts = await partitions_of(self._bootstrap, self.topic, client_kwargs=self._security)
             await self._consumer.start()
             tps = [TopicPartition(self.topic, p) for p in parts]
             self._consumer.assign(tps)

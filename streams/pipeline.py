@@ -33,7 +33,7 @@ from autoglm.errors import EventError, EventValidationError, ModelError, TensorE
 from autoglm.processors.batcher import MicroBatcher
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.delivery import InFlightLimiter, OffsetTracker
-from autoglm.processors.metrics import BatchMetrics
+from autoglm.processors.metrics import BatchMetrics, WindowStats
 from autoglm.processors.queue import QueuedTask
 from autoglm.streams.codec import loads
 from autoglm.streams.events import TOPIC_NAME_RE, ErrorInfo, Result, Task, decode_task, encode_result, now_ms
@@ -134,6 +134,7 @@ class TaskPipeline:
                                clock=clock, name=f"batcher-{name}")
             for name in self.runners
         }
+        self.windows: dict[str, WindowStats] = {name: WindowStats() for name in self.runners}
         self._background: set[asyncio.Task] = set()
         # per model: (start_s, size) of the last batch, when a backlog waited behind it
         self._saturated: dict[str, tuple[float, int] | None] = {}
@@ -156,6 +157,50 @@ class TaskPipeline:
         await asyncio.gather(*(b.stop(flush=True) for b in self.batchers.values()))
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks received and not yet acknowledged (their result or dead letter not yet on the broker)."""
+        return self.limiter.in_flight
+
+    async def wait_idle(self, poll_s: float = 0.01) -> None:
+        """Return once nothing is in flight: every received task answered and acknowledged."""
+        while self.limiter.in_flight or self._background:
+            if self._background:
+                await asyncio.gather(*list(self._background), return_exceptions=True)
+            else:
+                await asyncio.sleep(poll_s)
+
+    def figures(self, window_s: float, *, reset: bool = True) -> dict[str, dict[str, Any]]:
+        """Per-model figures since the previous call with ``reset``, for heartbeats and status reports.
+
+        Args:
+            window_s: seconds since the previous call with ``reset``.
+            reset: start a new window.
+
+        Returns:
+            model -> ``results``, ``throughput_per_s``, ``p50_ms``, ``p99_ms``,
+            ``mean_batch_size`` (see :class:`~autoglm.processors.metrics.WindowStats`),
+            ``queue_depth`` (tasks waiting for a batch), and the batching policy's
+            ``mode``, ``latency_target_s``, ``max_batch_size``, ``max_wait_s``,
+            ``target_size`` and cost-model estimates ``service_fixed_ms``,
+            ``service_per_task_ms``, ``service_spread_ms`` when it has them.
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for name, window in self.windows.items():
+            fig: dict[str, Any] = window.take(window_s, reset=reset)
+            fig["queue_depth"] = len(self.batchers[name])
+            policy = self.policies[name]
+            for attr in ("mode", "latency_target_s", "max_batch_size", "max_wait_s"):
+                if hasattr(policy, attr):
+                    fig[attr] = getattr(policy, attr)
+            service = getattr(policy, "service", None)
+            if service is not None:
+                est = service.estimate
+                fig.update(target_size=policy.last_target_size, service_fixed_ms=est.a_s * 1000.0,
+                           service_per_task_ms=est.b_s * 1000.0, service_spread_ms=est.sigma_s * 1000.0)
+            out[name] = fig
+        return out
 
     def revoke(self, partitions: list[Hashable]) -> None:
         """Forget revoked partitions (their unfinished tasks may be served again by the new owner)."""
@@ -295,6 +340,7 @@ class TaskPipeline:
         policy = self.policies[model]
         policy.observe(self.clock(), len(batch), inference_s, [r.end_to_end_ms / 1000.0 for r in results])
         self.metrics.observe_batch(model, len(batch), inference_s, [start_s - p.received_s for p in batch])
+        self.windows[model].observe_batch(len(batch), [r.end_to_end_ms / 1000.0 for r in results])
         service = getattr(policy, "service", None)
         if service is not None:
             est = service.estimate

@@ -8,7 +8,7 @@ topic                             partitions   carries
 ``<prefix>.tasks.<model>``        configured   task events for one model
 ``<prefix>.results``              configured   result events, keyed by task id
 ``<prefix>.dlq``                  configured   dead letters: original bytes + reason headers
-``<prefix>.control``              1            control events (ordered, read by every worker)
+``<prefix>.control``              1            control events (ordered, compacted, read by all)
 ``<prefix>.status``               1            worker acks and heartbeats
 ================================  ===========  =========================================
 
@@ -90,8 +90,15 @@ async def ensure_topics(
     try:
         await admin.start()
         existing = set(await admin.list_topics())
+        special = {
+            # compacted: the latest event per control key survives, so a late worker rebuilds the state
+            names.control: {"cleanup.policy": "compact"},
+            # heartbeats and acks are only read recently: keep a day
+            names.status: {"retention.ms": str(24 * 3600 * 1000)},
+        }
         missing = [
-            NewTopic(name=t, num_partitions=n, replication_factor=replication_factor, topic_configs=configs)
+            NewTopic(name=t, num_partitions=n, replication_factor=replication_factor,
+                     topic_configs={**configs, **special.get(t, {})})
             for t, n in wanted.items()
             if t not in existing
         ]

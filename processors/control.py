@@ -1,0 +1,249 @@
+"""The control-state machine: a worker's desired state, rebuilt from control events.
+
+Pure logic: no Kafka, no clock, no asyncio. The Kafka side
+(:mod:`autoglm.streams.control`) reads the control topic in order, checks
+signatures and feeds every decoded event to :meth:`ControlState.apply`; the
+answer says what changed and whether to acknowledge.
+
+Semantics (the README's "Control plane" section says the same to users):
+
+- ``pause`` / ``resume`` and ``configure`` are **state**: they are kept in the
+  compacted control topic (one record per :func:`control_key`) and replayed by
+  every worker at start, so a worker that starts after a pause starts paused.
+  For every (worker, model) the latest matching event wins; a command for all
+  models overrides earlier per-model ones because it comes later in the topic.
+- ``drain`` and ``status`` are **live**: they apply to the workers running when
+  they are issued and are skipped on replay (a freshly deployed worker is not
+  drained by a drain meant for its predecessor).
+- A worker applies every event whose target matches it (``target.worker``
+  unset or equal to its id); a ``target.model`` it does not serve changes
+  nothing but is still acknowledged, so ``ctl --wait`` hears from every live
+  worker.
+- Replay protection: an event id already applied is ignored; a state event
+  issued (``issued_ms``) before the last one applied for the same key is
+  ignored as stale. Together with the signature (which covers ``id`` and
+  ``issued_ms``) a re-published old event changes nothing, even after
+  compaction removed the original.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Protocol
+
+STATE_COMMANDS = ("pause", "resume", "configure")
+LIVE_COMMANDS = ("drain", "status")
+
+#: The batching parameters ``configure`` accepts, and the type each must have.
+CONFIGURE_PARAMS: dict[str, tuple[type, ...]] = {
+    "latency_target_s": (int, float),
+    "max_batch_size": (int,),
+    "max_wait_s": (int, float),
+    "mode": (str,),
+}
+
+#: How many applied event ids a worker remembers for replay protection.
+SEEN_IDS_MAX = 100_000
+
+
+class ControlEventLike(Protocol):
+    """What the state machine reads of a control event (``autoglm.control/v1``)."""
+
+    id: str
+    command: str
+    target: Mapping[str, str]
+    params: Mapping[str, Any]
+    issued_ms: int
+
+
+def control_key(command: str, target: Mapping[str, str], params: Mapping[str, Any] | None = None) -> str:
+    """The record key of a control event: the compaction slot it supersedes.
+
+    ``pause``/``resume`` share one slot per (worker, model) target, so the
+    latest wins; ``configure`` has one slot per target and parameter set, so
+    that setting ``max_batch_size`` does not erase an earlier
+    ``latency_target_s``; ``drain``/``status`` keep only their latest per
+    worker target (they are never replayed).
+
+    >>> control_key("pause", {"model": "digits"})
+    'run/*/digits'
+    """
+    worker = target.get("worker") or "*"
+    model = target.get("model") or "*"
+    if command in ("pause", "resume"):
+        return f"run/{worker}/{model}"
+    if command == "configure":
+        return f"configure/{worker}/{model}/{','.join(sorted(params or {}))}"
+    return f"{command}/{worker}"
+
+
+def check_configure_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate the names and types of ``configure`` parameters (ranges are the policy's check).
+
+    Returns:
+        The parameters as a plain dict.
+
+    Raises:
+        ValueError: empty, an unknown name, a wrong type or a non-finite number.
+    """
+    if not params:
+        raise ValueError(f"configure needs at least one of {sorted(CONFIGURE_PARAMS)}")
+    for name, value in params.items():
+        types = CONFIGURE_PARAMS.get(name)
+        if types is None:
+            raise ValueError(f"unknown configure parameter {name!r}; known: {sorted(CONFIGURE_PARAMS)}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise ValueError(f"configure parameter {name!r} must be {'/'.join(t.__name__ for t in types)}, "
+                             f"got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"configure parameter {name!r} must be finite, got {value!r}")
+    return dict(params)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What :meth:`ControlState.apply` decided about one event.
+
+    Attributes:
+        status: ``ok`` (applied), ``ignored`` (duplicate id, stale, or a live
+            command on replay) or ``rejected`` (invalid parameters).
+        ack: whether this worker acknowledges it on the status topic (false
+            for events aimed at another worker and for replayed ones).
+        reason: why it was ignored or rejected ("" when applied).
+        models: the served models it changed.
+        configure: model -> parameters to apply to that model's batching policy.
+        drain: the caller must drain now and acknowledge when drained.
+        report: the caller must include a full status report in the ack.
+    """
+
+    status: str
+    ack: bool
+    reason: str = ""
+    models: tuple[str, ...] = ()
+    configure: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    drain: bool = False
+    report: bool = False
+
+
+class ControlState:
+    """The desired state of one worker's model streams.
+
+    Args:
+        worker_id: this worker's id (matched against ``target.worker``).
+        models: the models this worker serves.
+        seen_ids_max: applied event ids remembered for replay protection
+            (oldest forgotten first).
+
+    Attributes:
+        ready: False until the control topic has been replayed up to its end
+            at start; every stream counts as paused until then, so no task is
+            fetched before the worker knows whether it is paused.
+        draining: a drain was applied; nothing is fetched until a ``resume``
+            for all models.
+        drained: the drain finished (nothing in flight, all committed).
+        params: model -> the batching parameters last configured by control.
+    """
+
+    def __init__(self, worker_id: str, models: Iterable[str], *, seen_ids_max: int = SEEN_IDS_MAX):
+        self.worker_id = worker_id
+        self.models = tuple(models)
+        self.ready = False
+        self.draining = False
+        self.drained = False
+        self.params: dict[str, dict[str, Any]] = {m: {} for m in self.models}
+        self._paused: dict[str, bool] = {m: False for m in self.models}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen_max = seen_ids_max
+        self._last_issued_ms: dict[str, int] = {}
+        self.applied = 0
+
+    # -- queries ----------------------------------------------------------------
+
+    def is_paused(self, model: str | None) -> bool:
+        """Whether the stream of ``model`` must not be fetched now (unknown models: paused)."""
+        if model is None or model not in self._paused:
+            return True
+        return not self.ready or self.draining or self._paused[model]
+
+    def paused_by_command(self, model: str) -> bool:
+        """Whether a ``pause`` command (not a drain or the start-up replay) holds ``model``."""
+        return self._paused.get(model, False)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as a JSON-ready dict (for acks and heartbeats)."""
+        return {
+            "ready": self.ready,
+            "draining": self.draining,
+            "drained": self.drained,
+            "models": {
+                m: {"paused": self._paused[m], "fetching": not self.is_paused(m), "params": dict(self.params[m])}
+                for m in self.models
+            },
+        }
+
+    # -- transitions ------------------------------------------------------------
+
+    def apply(self, event: ControlEventLike, *, replay: bool = False) -> Decision:
+        """Apply one control event read from the control topic, in topic order.
+
+        Args:
+            event: a decoded (and, when a key is configured, verified) event.
+            replay: True while catching up with the topic at start: live
+                commands are skipped and nothing is acknowledged.
+
+        Returns:
+            The decision; see :class:`Decision`.
+        """
+        target_worker = event.target.get("worker")
+        if target_worker and target_worker != self.worker_id:
+            return Decision("ignored", ack=False, reason=f"aimed at worker {target_worker!r}")
+        if event.id in self._seen:
+            return Decision("ignored", ack=not replay, reason=f"event id {event.id!r} was already applied (replay)")
+        self._remember(event.id)
+        if event.command in LIVE_COMMANDS and replay:
+            return Decision("ignored", ack=False, reason="live command issued before this worker started")
+        key = control_key(event.command, event.target, event.params)
+        if event.command in STATE_COMMANDS:
+            last = self._last_issued_ms.get(key)
+            if last is not None and event.issued_ms < last:
+                return Decision("ignored", ack=not replay,
+                                reason=f"stale: issued at {event.issued_ms} ms, before the last {key!r} at {last} ms")
+        model = event.target.get("model")
+        served = [m for m in self.models if model is None or m == model]
+        note = "" if served else f"model {model!r} is not served by this worker"
+        if event.command in ("pause", "resume"):
+            self._last_issued_ms[key] = event.issued_ms
+            paused = event.command == "pause"
+            for m in served:
+                self._paused[m] = paused
+            if not paused and model is None:
+                self.draining = self.drained = False
+            self.applied += 1
+            return Decision("ok", ack=not replay, reason=note, models=tuple(served))
+        if event.command == "configure":
+            try:
+                params = check_configure_params(event.params)
+            except ValueError as exc:
+                return Decision("rejected", ack=not replay, reason=str(exc))
+            self._last_issued_ms[key] = event.issued_ms
+            self.applied += 1
+            return Decision("ok", ack=not replay, reason=note, models=tuple(served),
+                            configure={m: params for m in served})
+        if event.command == "drain":
+            self.draining, self.drained = True, False
+            self.applied += 1
+            return Decision("ok", ack=True, models=self.models, drain=True)
+        if event.command == "status":
+            return Decision("ok", ack=True, report=True)
+        return Decision("rejected", ack=not replay, reason=f"unknown command {event.command!r}")
+
+    def configured(self, model: str, params: Mapping[str, Any]) -> None:
+        """Record that ``params`` were applied to ``model``'s policy (shown in status)."""
+        self.params[model].update(params)
+
+    def _remember(self, event_id: str) -> None:
+        self._seen[event_id] = None
+        while len(self._seen) > self._seen_max:
+            self._seen.popitem(last=False)
