@@ -45,6 +45,20 @@ class Settings(BaseSettings):
       ``heartbeat_interval_s=3``: Kafka's consumer defaults (KIP-735). The
       embedded broker uses 6 s / 6 s / 1 s because its group join waits about
       half of them (ARCHITECTURE.md).
+    - ``delivery="at_least_once"``: commit after the result is acknowledged;
+      ``exactly_once`` (Apache Kafka only) produces results and commits the
+      consumed offsets in one Kafka transaction; readers use read_committed.
+      ``transaction_timeout_s=30`` bounds how long a crashed worker's open
+      transaction can hold back read_committed readers.
+    - ``inference_timeout_s=30``: a batched forward taking longer is abandoned
+      (its tasks get ``inference_timeout`` errors); a few times the slowest
+      expected batch.
+    - ``max_task_bytes=1 MiB`` and ``max_result_bytes=1 MiB``: Kafka's default
+      ``max.message.bytes``; larger tasks are dead-lettered (``too_large``),
+      larger results become ``result_too_large`` errors.
+    - ``fallbacks`` (``"model=fallback,..."``): the fallback serves a model's
+      tasks while it fails to load or fails ``fallback_max_failures=3`` batches
+      in a row; the primary is probed every ``fallback_probe_every=10`` batches.
     - ``max_poll_interval_s=300``: Kafka's ``max.poll.interval.ms`` default.
       A paused worker keeps polling, so a pause longer than this is safe.
     - ``status_interval_s=5``: heartbeats on ``<prefix>.status``; a worker
@@ -83,6 +97,15 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(default=45.0, gt=0.0)
     heartbeat_interval_s: float = Field(default=3.0, gt=0.0)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # reliability
+    delivery: str = Field(default="at_least_once", pattern=r"^(at_least_once|exactly_once)$")
+    transaction_timeout_s: float = Field(default=30.0, gt=0.0, le=900.0)
+    inference_timeout_s: float | None = Field(default=30.0, gt=0.0)
+    max_task_bytes: int = Field(default=1024 * 1024, ge=256)
+    max_result_bytes: int = Field(default=1024 * 1024, ge=256)
+    fallbacks: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    fallback_max_failures: int = Field(default=3, ge=1)
+    fallback_probe_every: int = Field(default=10, ge=1)
     # control plane
     max_poll_interval_s: float = Field(default=300.0, gt=0.0)
     status_interval_s: float = Field(default=5.0, gt=0.0, le=3600.0)
@@ -106,6 +129,20 @@ class Settings(BaseSettings):
             raise ValueError("at least one model name is needed, e.g. digits,minilm")
         return value
 
+    @field_validator("fallbacks", mode="before")
+    @classmethod
+    def _split_fallbacks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            pairs = [p.strip() for p in value.split(",") if p.strip()]
+            out = {}
+            for pair in pairs:
+                model, sep, fallback = pair.partition("=")
+                if not sep or not model.strip() or not fallback.strip():
+                    raise ValueError(f"expected model=fallback[,model=fallback], got {pair!r}")
+                out[model.strip()] = fallback.strip()
+            return out
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.heartbeat_interval_s >= self.session_timeout_s:
@@ -118,6 +155,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password "
                 "(AUTOGLM_SASL_MECHANISM, AUTOGLM_SASL_USERNAME, AUTOGLM_SASL_PASSWORD)"
+            )
+        if max(self.max_task_bytes, self.max_result_bytes) > self.max_message_bytes:
+            raise ValueError(
+                "max_task_bytes (AUTOGLM_MAX_TASK_BYTES) and max_result_bytes (AUTOGLM_MAX_RESULT_BYTES) "
+                f"must not exceed max_message_bytes (AUTOGLM_MAX_MESSAGE_BYTES) = {self.max_message_bytes}"
             )
         if self.control_key is not None and len(self.control_key.get_secret_value()) < 16:
             raise ValueError("control_key (AUTOGLM_CONTROL_KEY) must be at least 16 characters")

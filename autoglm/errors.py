@@ -199,3 +199,9 @@ class ControlSignatureError(EventError):
     """A control event is unsigned or its HMAC-SHA256 signature does not match (a key is configured)."""
 
     code = "bad_signature"
+
+
+class TaskTooLargeError(EventError):
+    """A task record is larger than ``max_task_bytes``."""
+
+    code = "too_large"

@@ -56,14 +56,19 @@ def load_runners(settings: Settings) -> dict[str, ModelRunner]:
     """Construct, load and warm up one runner per served model (blocking).
 
     Raises:
-        UnknownModelError: a name is not in the registry.
-        ModelLoadError: a model failed to load.
+        UnknownModelError: a name (or a fallback's) is not in the registry.
+        ConfigError: a fallback cannot stand in for its model.
+        ModelLoadError: a model failed to load (and its fallback too, when it has one).
     """
     registry = default_registry()
     device = None if settings.device == "auto" else settings.device
+    for name, fallback in settings.fallbacks.items():
+        registry.set_fallback(name, fallback)
     runners: dict[str, ModelRunner] = {}
     for name in settings.models:
-        runner = ModelRunner(registry.create(name), device=device, torch_threads=settings.torch_threads)
+        runner = registry.create_runner(name, device=device, torch_threads=settings.torch_threads,
+                                        max_failures=settings.fallback_max_failures,
+                                        probe_every=settings.fallback_probe_every)
         runner.start_sync()
         log.info("model %s loaded on %s in %.2f s", name, runner.device, runner.load_s or 0.0)
         runners[name] = runner

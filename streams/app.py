@@ -213,6 +213,9 @@ def build_worker_app(
         on_fatal=on_fatal,
         metrics=metrics,
         topic_exists=topics.exists,
+        inference_timeout_s=settings.inference_timeout_s,
+        max_task_bytes=settings.max_task_bytes,
+        max_result_bytes=settings.max_result_bytes,
     )
     task_topic = app.topic(
         *[names.tasks(m) for m in runners],

@@ -29,7 +29,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Hashable, Mapping
 
-from autoglm.errors import EventError, EventValidationError, ModelError, TensorError, UnknownModelError
+from autoglm.errors import (
+    EventError,
+    EventValidationError,
+    ModelError,
+    TaskTooLargeError,
+    TensorError,
+    UnknownModelError,
+)
 from autoglm.processors.batcher import MicroBatcher
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.delivery import InFlightLimiter, OffsetTracker
@@ -63,6 +70,8 @@ class Pending:
     offset: int
     received_s: float
     received_ms: int
+    key: bytes | None = None
+    value: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -75,6 +84,8 @@ class PipelineCounters:
     results_expired: int = 0
     dead_letters: int = 0
     batches: int = 0
+    isolated_failures: int = 0
+    oversized_results: int = 0
 
 
 class TaskPipeline:
@@ -96,7 +107,20 @@ class TaskPipeline:
             names a missing topic is rejected (default: every topic exists).
         delivery_timeout_s: the longest the broker may take to acknowledge a
             batch's records; past it the delivery is fatal like a failed one.
+        inference_timeout_s: per-batch forward timeout (None: no timeout); a
+            batch past it gets ``inference_timeout`` error results.
+        max_task_bytes: a task record's value larger than this is dead-lettered
+            (``too_large``) without being parsed beyond its id.
+        max_result_bytes: a result larger than this is replaced by an error
+            result ``result_too_large`` (never dropped).
         clock: monotonic seconds.
+
+    Model failures: runners answer ``run_isolated(items, timeout_s=)`` with one
+    outcome per task (a batch that raises is bisected to isolate the failing
+    tasks, see :meth:`autoglm.models.runner.ModelRunner.run_isolated`). A task
+    that fails alone (``inference``) gets an ``error`` result and a dead-letter
+    record with its original bytes; a timeout or a model that failed to load
+    gets an ``error`` result only (retriable, not the task's fault).
     """
 
     def __init__(
@@ -113,6 +137,9 @@ class TaskPipeline:
         metrics: BatchMetrics | None = None,
         topic_exists: Callable[[str], Awaitable[bool]] | None = None,
         delivery_timeout_s: float = 120.0,
+        inference_timeout_s: float | None = None,
+        max_task_bytes: int | None = None,
+        max_result_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.names = names
@@ -126,6 +153,9 @@ class TaskPipeline:
         self.metrics = metrics or BatchMetrics()
         self._topic_exists = topic_exists
         self.delivery_timeout_s = delivery_timeout_s
+        self.inference_timeout_s = inference_timeout_s
+        self.max_task_bytes = max_task_bytes
+        self.max_result_bytes = max_result_bytes
         self.limiter = InFlightLimiter(max_in_flight)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.counters = PipelineCounters()
@@ -226,6 +256,12 @@ class TaskPipeline:
         self.counters.received += 1
         received_s, received_ms = self.clock(), now_ms()
         try:
+            if self.max_task_bytes is not None and value is not None and len(value) > self.max_task_bytes:
+                raise TaskTooLargeError(
+                    f"task record is {len(value)} bytes, above max_task_bytes={self.max_task_bytes} "
+                    "(AUTOGLM_MAX_TASK_BYTES)", task_id=_readable_field(value, "id"),
+                    model=_readable_field(value, "model"),
+                )
             task = decode_task(value)
             model = self.names.model_of(topic)
             if task.model != model:
@@ -254,7 +290,7 @@ class TaskPipeline:
             reply_to = None if bad_reply_to else _reply_to(value, exc)
             self._spawn(self._dead_letter(tp, offset, key, value, exc, reply_to=reply_to))
             return
-        pending = Pending(task, prepared, tp, offset, received_s, received_ms)
+        pending = Pending(task, prepared, tp, offset, received_s, received_ms, key, value)
         deadline_s = None
         if task.deadline_ms is not None:
             deadline_s = received_s + (task.deadline_ms - received_ms) / 1000.0
@@ -310,24 +346,23 @@ class TaskPipeline:
         if previous is not None:  # back to back with the previous batch: its cycle time is the cost
             self.policies[model].observe_cycle(previous[1], start_s - previous[0])
         self._saturated[model] = (start_s, len(batch)) if len(self.batchers[model]) > 0 else None
-        outputs: list[Any] | None = None
-        error: ErrorInfo | None = None
         try:
-            outputs = await runner.run([p.prepared for p in batch])
-        except ModelError as exc:
+            outcomes = await runner.run_isolated([p.prepared for p in batch], timeout_s=self.inference_timeout_s)
+        except ModelError as exc:  # the runner itself is unusable (closed): every task gets the error
             log.error("model %s failed on a batch of %d: %s", model, len(batch), exc)
-            error = ErrorInfo(exc.code, str(exc))
+            outcomes = [_Failed(model, ErrorInfo(exc.code, str(exc)))] * len(batch)
         inference_s = self.clock() - start_s
         self.counters.batches += 1
         finished_ms = now_ms()
         results = []
-        for i, p in enumerate(batch):
+        for p, outcome in zip(batch, outcomes):
+            error = None if outcome.ok else ErrorInfo(outcome.error.code, outcome.error.message)
             results.append(
                 Result(
                     id=p.task.id,
                     model=model,
-                    status="ok" if outputs is not None else "error",
-                    outputs=outputs[i] if outputs is not None else None,
+                    status="ok" if outcome.ok else "error",
+                    outputs=outcome.output if outcome.ok else None,
                     error=error,
                     batch_size=len(batch),
                     worker=self.worker_id,
@@ -335,10 +370,22 @@ class TaskPipeline:
                     inference_ms=inference_s * 1000.0,
                     end_to_end_ms=float(max(0, finished_ms - (p.task.created_ms or p.received_ms))),
                     attributes=p.task.attributes,
+                    served_by=outcome.served_by,
                 )
             )
+        failed = [(p, r) for p, r in zip(batch, results) if r.status == "error"]
+        if failed:
+            log.error("model %s: %d of %d tasks failed (%s)", model, len(failed), len(batch),
+                      ", ".join(sorted({r.error.code for _, r in failed})))
+        # the cost model learns from clean batches only: bisection, retries and timeouts inflate the time
+        self._observe(model, batch, results, start_s, inference_s, learn=not failed)
+        self._spawn(self._deliver(batch, results))
+
+    def _observe(self, model: str, batch: list[Pending], results: list[Result], start_s: float,
+                 inference_s: float, *, learn: bool) -> None:
         policy = self.policies[model]
-        policy.observe(self.clock(), len(batch), inference_s, [r.end_to_end_ms / 1000.0 for r in results])
+        if learn:
+            policy.observe(self.clock(), len(batch), inference_s, [r.end_to_end_ms / 1000.0 for r in results])
         self.metrics.observe_batch(model, len(batch), inference_s, [start_s - p.received_s for p in batch])
         self.windows[model].observe_batch(len(batch), [r.end_to_end_ms / 1000.0 for r in results])
         service = getattr(policy, "service", None)
@@ -346,7 +393,6 @@ class TaskPipeline:
             est = service.estimate
             self.metrics.set_policy_state(model, a_s=est.a_s, b_s=est.b_s, sigma_s=est.sigma_s,
                                           target_size=policy.last_target_size, correction=policy.correction)
-        self._spawn(self._deliver(batch, results))
 
     async def _deliver(self, batch: list[Pending], results: list[Result]) -> None:
         records: list[tuple[str, bytes | None, bytes | None, Headers]] = []
@@ -355,6 +401,12 @@ class TaskPipeline:
                 value = encode_result(result)
             except TensorError as exc:  # NaN/inf from the model: never emitted
                 result = dataclasses.replace(result, status="error", outputs=None, error=ErrorInfo("invalid_output", str(exc)))
+                value = encode_result(result)
+            if self.max_result_bytes is not None and len(value) > self.max_result_bytes:
+                self.counters.oversized_results += 1
+                result = dataclasses.replace(result, status="error", outputs=None, error=ErrorInfo(
+                    "result_too_large", f"result is {len(value)} bytes, above max_result_bytes="
+                                        f"{self.max_result_bytes} (AUTOGLM_MAX_RESULT_BYTES)"))
                 value = encode_result(result)
             if result.status == "ok":
                 self.counters.results_ok += 1
@@ -365,6 +417,12 @@ class TaskPipeline:
             self.metrics.count_tasks(result.model, result.status)
             topic = pending.task.reply_to or self.names.results
             records.append((topic, result.id.encode(), value, []))
+            if result.status == "error" and result.error is not None and result.error.code == "inference":
+                # this task made the model fail on its own (isolated by bisection): keep its bytes
+                self.counters.isolated_failures += 1
+                self.counters.dead_letters += 1
+                records.append((self.names.dlq, pending.key, pending.value, self._dlq_headers(
+                    pending.partition, pending.offset, result.error.code, result.error.message)))
         await self._settle(records, [(p.partition, p.offset) for p in batch])
 
     async def _dead_letter(
@@ -374,15 +432,7 @@ class TaskPipeline:
         topic_model = self.names.model_of(tp[0]) if isinstance(tp, tuple) else None
         self.metrics.count_tasks(topic_model or "unknown", "rejected")  # never a label from the payload
         log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
-        topic, partition = tp if isinstance(tp, tuple) else (str(tp), -1)
-        headers: Headers = [
-            (DLQ_HEADER_CODE, exc.code.encode()),
-            (DLQ_HEADER_MESSAGE, str(exc)[:1000].encode()),
-            (DLQ_HEADER_TOPIC, str(topic).encode()),
-            (DLQ_HEADER_PARTITION, str(partition).encode()),
-            (DLQ_HEADER_OFFSET, str(offset).encode()),
-            (DLQ_HEADER_WORKER, self.worker_id.encode()),
-        ]
+        headers = self._dlq_headers(tp, offset, exc.code, str(exc))
         records: list[tuple[str, bytes | None, bytes | None, Headers]] = [(self.names.dlq, key, value, headers)]
         if exc.task_id:
             rejected = Result(
@@ -394,6 +444,17 @@ class TaskPipeline:
             )
             records.append((reply_to or self.names.results, exc.task_id.encode(), encode_result(rejected), []))
         await self._settle(records, [(tp, offset)])
+
+    def _dlq_headers(self, tp: Hashable, offset: int, code: str, message: str) -> Headers:
+        topic, partition = tp if isinstance(tp, tuple) else (str(tp), -1)
+        return [
+            (DLQ_HEADER_CODE, code.encode()),
+            (DLQ_HEADER_MESSAGE, message[:1000].encode()),
+            (DLQ_HEADER_TOPIC, str(topic).encode()),
+            (DLQ_HEADER_PARTITION, str(partition).encode()),
+            (DLQ_HEADER_OFFSET, str(offset).encode()),
+            (DLQ_HEADER_WORKER, self.worker_id.encode()),
+        ]
 
     async def _settle(
         self, records: list[tuple[str, bytes | None, bytes | None, Headers]], offsets: list[tuple[Hashable, int]]
@@ -420,6 +481,29 @@ class TaskPipeline:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """The outcome of every task of a batch whose runner could not run at all."""
+
+    served_by: str
+    info: ErrorInfo
+    ok: bool = False
+    output: None = None
+
+    @property
+    def error(self) -> ErrorInfo:
+        return self.info
+
+
+def _readable_field(value: bytes, name: str) -> str | None:
+    """A top-level string field of an oversized record, when it parses (bounded by the broker's limit)."""
+    try:
+        found = loads(value).get(name)
+    except (EventError, AttributeError):
+        return None
+    return found if isinstance(found, str) and 0 < len(found) <= 200 else None
 
 
 def _reply_to(value: bytes | None, exc: EventError) -> str | None:

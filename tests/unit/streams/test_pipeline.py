@@ -17,8 +17,8 @@ import numpy as np
 import orjson
 import pytest
 
-from autoglm.errors import BrokerError, InputSignatureError
-from autoglm.models.base import InferenceModel, Signature
+from autoglm.errors import BrokerError, InferenceError, InputSignatureError, ModelError
+from autoglm.models.base import InferenceModel, ItemError, ItemOutcome, Signature
 from autoglm.processors.batching import FixedBatchPolicy
 from autoglm.streams.events import Result, Task, decode_result, encode_task
 from autoglm.streams.pipeline import (
@@ -63,7 +63,11 @@ class ToyModel(InferenceModel):
 
 
 class FakeRunner:
-    """What the pipeline needs of a ModelRunner: ``.model`` and ``async run(items)``."""
+    """What the pipeline needs of a ModelRunner: ``.model`` and ``async run_isolated(items, timeout_s)``.
+
+    ``run_isolated`` here runs the batch once (no bisection: that is the runner's own tests' business);
+    a batch that raises gives every task the error.
+    """
 
     def __init__(self) -> None:
         self.model = ToyModel()
@@ -73,6 +77,13 @@ class FakeRunner:
         self.batch_sizes.append(len(items))
         out = self.model.forward(self.model.collate(items))
         return np.split(out, np.cumsum([len(i) for i in items])[:-1], axis=0)
+
+    async def run_isolated(self, items: Sequence[np.ndarray], *, timeout_s: float | None) -> list[ItemOutcome]:
+        try:
+            outputs = await self.run(items)
+        except ModelError as exc:
+            return [ItemOutcome(self.model.name, error=ItemError.of(exc)) for _ in items]
+        return [ItemOutcome(self.model.name, output=o) for o in outputs]
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""Model failures and size limits through the pipeline, with a real ModelRunner (bisection, timeouts)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autoglm.models.runner import ModelRunner
+from autoglm.processors.batching import FixedBatchPolicy
+from autoglm.streams.events import decode_result
+from autoglm.streams.pipeline import DLQ_HEADER_CODE, DLQ_HEADER_OFFSET, TaskPipeline
+from autoglm.streams.topics import TopicNames
+
+from .test_pipeline import DLQ, RESULTS, TOPIC, FakeBroker, ToyModel, rows, task_bytes
+
+POISON = -999.0
+
+
+class PoisonModel(ToyModel):
+    """Doubles its input; raises when any row of the batch starts with ``POISON``."""
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        if (batch[:, 0] == POISON).any():
+            raise ValueError("poisoned row")
+        return super().forward(batch)
+
+
+async def run_tasks(records: list[tuple[str, bytes]], **pipeline_kwargs) -> tuple[FakeBroker, TaskPipeline]:
+    broker = FakeBroker()
+    runner = ModelRunner(PoisonModel(), device="cpu")
+    await runner.start()
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": runner},
+        policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
+        send=broker.send, ack=broker.ack, max_in_flight=100, **pipeline_kwargs,
+    )
+    for offset, (task_id, value) in enumerate(records):
+        await pipeline.on_record(TOPIC, 0, offset, task_id.encode(), value, f"tok{offset}")
+    pipeline.start()
+    await pipeline.stop()
+    runner.close()
+    return broker, pipeline
+
+
+async def test_a_poisoned_task_gets_an_error_and_a_dead_letter_and_the_rest_of_its_batch_is_served():
+    records = [(f"t{i}", task_bytes(f"t{i}", rows(i))) for i in range(8)]
+    poisoned = rows(0)
+    poisoned[0, 0] = POISON
+    records[5] = ("t5", task_bytes("t5", poisoned))
+    broker, pipeline = await run_tasks(records)
+
+    results = broker.results_by_id()
+    assert sorted(results) == sorted(f"t{i}" for i in range(8))
+    bad = results["t5"]
+    assert bad.status == "error" and bad.error.code == "inference" and "poisoned row" in bad.error.message
+    for i in (0, 1, 2, 3, 4, 6, 7):
+        assert results[f"t{i}"].status == "ok"
+        assert np.array_equal(results[f"t{i}"].outputs, rows(i) * 2)
+    (dead,) = broker.on(DLQ)
+    assert dead.value == records[5][1] and dead.key == b"t5"
+    assert dead.header_map[DLQ_HEADER_CODE] == b"inference" and dead.header_map[DLQ_HEADER_OFFSET] == b"5"
+    assert broker.acked == [f"tok{i}" for i in range(8)]
+    assert pipeline.counters.isolated_failures == 1 and pipeline.counters.results_ok == 7
+
+
+async def test_a_task_above_max_task_bytes_is_dead_lettered_with_a_rejected_result():
+    small = task_bytes("small", rows(1))
+    big = task_bytes("big", rows(2, n=200))
+    broker, _ = await run_tasks([("small", small), ("big", big)], max_task_bytes=len(small) + 10)
+    results = broker.results_by_id()
+    assert results["small"].status == "ok"
+    assert results["big"].status == "rejected" and results["big"].error.code == "too_large"
+    assert f"{len(big)} bytes" in results["big"].error.message
+    (dead,) = broker.on(DLQ)
+    assert dead.value == big and dead.header_map[DLQ_HEADER_CODE] == b"too_large"
+
+
+async def test_a_result_above_max_result_bytes_becomes_an_error_result_not_a_drop():
+    broker, pipeline = await run_tasks([("one", task_bytes("one", rows(1))), ("many", task_bytes("many", rows(2, 300)))],
+                                       max_result_bytes=2000)
+    results = broker.results_by_id()
+    assert results["one"].status == "ok"
+    assert results["many"].status == "error" and results["many"].error.code == "result_too_large"
+    assert len([s for s in broker.on(RESULTS) if s.key == b"many"][0].value) <= 2000
+    assert pipeline.counters.oversized_results == 1
+    assert decode_result([s for s in broker.on(RESULTS) if s.key == b"many"][0].value).outputs is None
