@@ -156,6 +156,11 @@ class Settings(BaseSettings):
                 f"security_protocol {self.security_protocol} needs sasl_mechanism, sasl_username and sasl_password "
                 "(AUTOGLM_SASL_MECHANISM, AUTOGLM_SASL_USERNAME, AUTOGLM_SASL_PASSWORD)"
             )
+        if self.delivery == "exactly_once" and not self.bootstrap_servers:
+            raise ValueError(
+                "delivery=exactly_once (AUTOGLM_DELIVERY) needs Apache Kafka: set AUTOGLM_BOOTSTRAP_SERVERS. "
+                "The embedded broker has no transactions, so it serves at_least_once only"
+            )
         if max(self.max_task_bytes, self.max_result_bytes) > self.max_message_bytes:
             raise ValueError(
                 "max_task_bytes (AUTOGLM_MAX_TASK_BYTES) and max_result_bytes (AUTOGLM_MAX_RESULT_BYTES) "

@@ -96,8 +96,11 @@ async def _publish_and_collect(settings: Settings, n: int, timeout_s: float, pro
     latencies_ms: list[float] = []
     duplicates = 0
     console = Console(stderr=True, quiet=quiet)
-    async with ResultReader(servers, prefix=settings.topic_prefix, from_beginning=False) as reader:
-        async with Publisher(servers, prefix=settings.topic_prefix) as pub:
+    from autoglm.streams.security import client_kwargs
+
+    kafka_kwargs = client_kwargs(settings)
+    async with ResultReader(servers, prefix=settings.topic_prefix, from_beginning=False, **kafka_kwargs) as reader:
+        async with Publisher(servers, prefix=settings.topic_prefix, **kafka_kwargs) as pub:
             startup_s = await _warm_up(pub, reader, run_id, proc, timeout_s, console)
             tasks = digit_tasks(n, run_id)  # stamped created_ms now, after the warm-up
             labels = {t.id: int(t.attributes["label"]) for t in tasks}
@@ -122,7 +125,7 @@ async def _publish_and_collect(settings: Settings, n: int, timeout_s: float, pro
                     latencies_ms.append(time.time() * 1000.0 - created_ms[r.id])
                     last_result = time.monotonic()
                     progress.advance(bar)
-    dlq = await _count_records(servers, f"{settings.topic_prefix}.dlq")
+    dlq = await _count_records(servers, f"{settings.topic_prefix}.dlq", kafka_kwargs)
     correct = sum(
         1 for tid, r in received.items()
         if r.status == "ok" and r.outputs is not None and int(np.argmax(r.outputs[0])) == labels[tid]
@@ -165,14 +168,14 @@ async def _warm_up(pub, reader, run_id: str, proc: subprocess.Popen, timeout_s: 
     raise AutoGLMError(f"the worker did not answer a warm-up task within {timeout_s} s")
 
 
-async def _count_records(servers: list[str], topic: str) -> int:
+async def _count_records(servers: list[str], topic: str, kafka_kwargs: dict | None = None) -> int:
     """Records in ``topic`` (sum over partitions of end - beginning offsets)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     from autoglm.streams.topics import partitions_of
 
-    tps = [TopicPartition(topic, p) for p in await partitions_of(servers, topic)]
-    consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None)
+    tps = [TopicPartition(topic, p) for p in await partitions_of(servers, topic, client_kwargs=kafka_kwargs)]
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, group_id=None, **(kafka_kwargs or {}))
     await consumer.start()
     try:
         ends = await consumer.end_offsets(tps)

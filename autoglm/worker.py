@@ -52,6 +52,22 @@ def prepare_topics(settings: Settings) -> list[str]:
     )
 
 
+async def check_transactions(settings: Settings, timeout_s: float = 15.0) -> None:
+    """Fail fast when the broker cannot run transactions (exactly_once needs them).
+
+    Raises:
+        BrokerError: the transactional producer could not be initialised.
+    """
+    from autoglm.streams.transactions import TransactionalSettler
+
+    probe = TransactionalSettler(
+        settings.bootstrap_list, transactional_id=f"autoglm-{settings.consumer_group}-{settings.worker_id}",
+        group_id=settings.consumer_group, client_kwargs=client_kwargs(settings),
+    )
+    await probe.start(timeout_s=timeout_s)
+    await probe.stop()
+
+
 def load_runners(settings: Settings) -> dict[str, ModelRunner]:
     """Construct, load and warm up one runner per served model (blocking).
 
@@ -83,6 +99,8 @@ def run_worker(settings: Settings) -> int:
         try:
             runners = load_runners(live)  # first: an unknown model or device creates no topics
             prepare_topics(live)
+            if live.delivery == "exactly_once":
+                asyncio.run(check_transactions(live))
         except AutoGLMError as exc:
             log.error("%s", exc)
             return 2

@@ -74,6 +74,10 @@ class OffsetTracker(Generic[Token]):
             released.append(queue.popleft().token)
         return released
 
+    def tracks(self, partition: Hashable, offset: int) -> bool:
+        """Whether ``offset`` is in flight on ``partition`` (false once its partition was revoked)."""
+        return (partition, offset) in self._index
+
     def revoke(self, partition: Hashable) -> int:
         """Forget a partition (revoked in a rebalance); returns how many offsets were unfinished.
 

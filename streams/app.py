@@ -28,6 +28,7 @@ from autoglm.streams.control import ControlPlane
 from autoglm.streams.pipeline import TaskPipeline
 from autoglm.streams.security import client_kwargs, faust_credentials
 from autoglm.streams.topics import TopicCache, TopicNames
+from autoglm.streams.transactions import TransactionalSettler
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,14 @@ class PausableConsumer(faust_aiokafka.Consumer):
     """
 
     is_paused: Callable[[TP], bool] = staticmethod(lambda tp: False)
+    #: exactly-once: offsets are committed inside our transactions only; faust's own commits, which
+    #: are asynchronous and could land after a newer transactional commit, are skipped.
+    commits_in_transactions: bool = False
+
+    async def _commit(self, offsets: Any) -> bool:
+        if self.commits_in_transactions:
+            return True
+        return await super()._commit(offsets)
 
     async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
         if active_partitions:
@@ -129,6 +138,7 @@ class WorkerApp(faust.App):
     """
 
     fetch_paused: Callable[[TP], bool] = staticmethod(lambda tp: False)
+    commits_in_transactions: bool = False
 
     def _new_transport(self) -> Any:
         return PausableTransport(self.conf.broker_consumer, self)
@@ -136,6 +146,7 @@ class WorkerApp(faust.App):
     def _new_consumer(self) -> Any:
         consumer = super()._new_consumer()
         consumer.is_paused = lambda tp: self.fetch_paused(tp)
+        consumer.commits_in_transactions = self.commits_in_transactions
         return consumer
 
 
@@ -143,7 +154,9 @@ class PipelineService(Service):
     """Starts the pipeline's batchers with the app and drains it on stop."""
 
     def __init__(self, pipeline: TaskPipeline, topics: TopicCache, control: ControlPlane | None = None,
-                 closing: list[Callable[[], Any]] | None = None, **kwargs: Any):
+                 closing: list[Callable[[], Any]] | None = None, settler: TransactionalSettler | None = None,
+                 **kwargs: Any):
+        self.settler = settler
         self.pipeline = pipeline
         self.topics = topics
         self.control = control
@@ -151,12 +164,16 @@ class PipelineService(Service):
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
+        if self.settler is not None:
+            await self.settler.start()
         self.pipeline.start()
         if self.control is not None:
             await self.control.start()
 
     async def on_stop(self) -> None:
         await self.pipeline.stop()
+        if self.settler is not None:
+            await self.settler.stop()
         if self.control is not None:
             await self.control.stop()
         await self.topics.close()
@@ -202,6 +219,13 @@ def build_worker_app(
 
     kafka_kwargs = client_kwargs(settings)
     topics = TopicCache(settings.bootstrap_list, client_kwargs=kafka_kwargs)
+    settler = None
+    if settings.delivery == "exactly_once":
+        settler = TransactionalSettler(
+            settings.bootstrap_list, transactional_id=f"autoglm-{settings.consumer_group}-{settings.worker_id}",
+            group_id=settings.consumer_group, transaction_timeout_s=settings.transaction_timeout_s,
+            max_request_size=settings.max_message_bytes, client_kwargs=kafka_kwargs,
+        )
     pipeline = TaskPipeline(
         names=names,
         worker_id=settings.worker_id,
@@ -216,6 +240,7 @@ def build_worker_app(
         inference_timeout_s=settings.inference_timeout_s,
         max_task_bytes=settings.max_task_bytes,
         max_result_bytes=settings.max_result_bytes,
+        transact=settler,
     )
     task_topic = app.topic(
         *[names.tasks(m) for m in runners],
@@ -228,6 +253,7 @@ def build_worker_app(
 
     state = ControlState(settings.worker_id, list(runners))
     app.fetch_paused = lambda tp: state.is_paused(names.model_of(tp.topic))
+    app.commits_in_transactions = settler is not None
     lag = GroupLag(app, names, settings, kafka_kwargs)
     control = ControlPlane(
         bootstrap_servers=settings.bootstrap_list,
@@ -253,9 +279,11 @@ def build_worker_app(
 
     @app.on_partitions_revoked.connect
     async def on_revoked(app_: faust.App, revoked: set, **kwargs: Any) -> None:
+        if settler is not None and not await settler.flush(timeout_s=settings.rebalance_timeout_s / 2):
+            log.warning("transactions still in progress while partitions are revoked")
         pipeline.revoke([(tp.topic, tp.partition) for tp in revoked])
 
-    app.service(PipelineService(pipeline, topics, control, closing=[lag.close]))
+    app.service(PipelineService(pipeline, topics, control, closing=[lag.close], settler=settler))
     app.control = control  # type: ignore[attr-defined]
     return app, pipeline
 

@@ -105,6 +105,9 @@ class ResultReader:
     Args:
         from_beginning: read the topic from its start, else only new results.
         topic: defaults to ``<prefix>.results``.
+        isolation_level: ``read_committed`` (default): results of an aborted
+            exactly-once transaction are never seen; the same as
+            ``read_uncommitted`` for results written without transactions.
 
     Iterating yields :class:`Result`; records that are not valid results are
     logged and skipped.
@@ -112,7 +115,8 @@ class ResultReader:
 
     def __init__(self, bootstrap_servers: str | list[str], *, prefix: str = "autoglm",
                  topic: str | None = None, from_beginning: bool = True,
-                 max_message_bytes: int = 4 * 1024 * 1024, **consumer_kwargs):
+                 max_message_bytes: int = 4 * 1024 * 1024, isolation_level: str = "read_committed",
+                 **consumer_kwargs):
         self.topic = topic or TopicNames(prefix).results
         self._bootstrap = bootstrap_servers
         self.from_beginning = from_beginning
@@ -122,7 +126,8 @@ class ResultReader:
             bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
             max_partition_fetch_bytes=max_message_bytes, fetch_max_bytes=max(max_message_bytes, 52428800),
-            client_id=f"autoglm-results-{uuid.uuid4().hex[:8]}", **consumer_kwargs,
+            client_id=f"autoglm-results-{uuid.uuid4().hex[:8]}", isolation_level=isolation_level,
+            **consumer_kwargs,
         )
 
     async def __aenter__(self) -> "ResultReader":

@@ -49,6 +49,8 @@ from autoglm.streams.topics import TopicNames
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+Record = tuple[str, bytes | None, bytes | None, Headers]
+TransactFn = Callable[[list[Record], dict[Any, int]], Awaitable[None]]
 SendFn = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[Awaitable[Any]]]
 AckFn = Callable[[Any], None]
 
@@ -86,6 +88,7 @@ class PipelineCounters:
     batches: int = 0
     isolated_failures: int = 0
     oversized_results: int = 0
+    transactions: int = 0
 
 
 class TaskPipeline:
@@ -113,6 +116,10 @@ class TaskPipeline:
             (``too_large``) without being parsed beyond its id.
         max_result_bytes: a result larger than this is replaced by an error
             result ``result_too_large`` (never dropped).
+        transact: exactly-once mode: ``transact(records, offsets)`` produces the
+            records and commits ``offsets`` (partition -> next offset to read)
+            in one Kafka transaction (see
+            :class:`~autoglm.streams.transactions.TransactionalSettler`).
         clock: monotonic seconds.
 
     Model failures: runners answer ``run_isolated(items, timeout_s=)`` with one
@@ -140,6 +147,7 @@ class TaskPipeline:
         inference_timeout_s: float | None = None,
         max_task_bytes: int | None = None,
         max_result_bytes: int | None = None,
+        transact: TransactFn | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.names = names
@@ -156,6 +164,8 @@ class TaskPipeline:
         self.inference_timeout_s = inference_timeout_s
         self.max_task_bytes = max_task_bytes
         self.max_result_bytes = max_result_bytes
+        self._transact = transact
+        self._held: dict[tuple[Hashable, int], list[Record]] = {}
         self.limiter = InFlightLimiter(max_in_flight)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.counters = PipelineCounters()
@@ -236,6 +246,10 @@ class TaskPipeline:
         """Forget revoked partitions (their unfinished tasks may be served again by the new owner)."""
         for tp in partitions:
             lost = self.tracker.revoke(tp)
+            held = [key for key in self._held if key[0] == tp]
+            for key in held:  # finished but never committed (exactly-once): the new owner serves them again
+                del self._held[key]
+            self.limiter.release(len(held))
             if lost:
                 log.info("partition %s revoked with %d tasks in flight", tp, lost)
 
@@ -248,7 +262,7 @@ class TaskPipeline:
         await self.limiter.acquire()
         tp = (topic, partition)
         try:
-            self.tracker.received(tp, offset, token)
+            self.tracker.received(tp, offset, (offset, token))
         except ValueError:  # already in flight here (redelivered without a revoke): serve it once
             self.limiter.release()
             log.warning("skipping %s offset %d: already in flight", tp, offset)
@@ -395,8 +409,10 @@ class TaskPipeline:
                                           target_size=policy.last_target_size, correction=policy.correction)
 
     async def _deliver(self, batch: list[Pending], results: list[Result]) -> None:
-        records: list[tuple[str, bytes | None, bytes | None, Headers]] = []
+        groups: list[tuple[Hashable, int, list[Record]]] = []
         for pending, result in zip(batch, results):
+            records: list[Record] = []
+            groups.append((pending.partition, pending.offset, records))
             try:
                 value = encode_result(result)
             except TensorError as exc:  # NaN/inf from the model: never emitted
@@ -423,7 +439,7 @@ class TaskPipeline:
                 self.counters.dead_letters += 1
                 records.append((self.names.dlq, pending.key, pending.value, self._dlq_headers(
                     pending.partition, pending.offset, result.error.code, result.error.message)))
-        await self._settle(records, [(p.partition, p.offset) for p in batch])
+        await self._settle(groups)
 
     async def _dead_letter(
         self, tp: Hashable, offset: int, key: bytes | None, value: bytes | None, exc: EventError, reply_to: str | None
@@ -433,7 +449,7 @@ class TaskPipeline:
         self.metrics.count_tasks(topic_model or "unknown", "rejected")  # never a label from the payload
         log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
         headers = self._dlq_headers(tp, offset, exc.code, str(exc))
-        records: list[tuple[str, bytes | None, bytes | None, Headers]] = [(self.names.dlq, key, value, headers)]
+        records: list[Record] = [(self.names.dlq, key, value, headers)]
         if exc.task_id:
             rejected = Result(
                 id=exc.task_id,
@@ -443,7 +459,7 @@ class TaskPipeline:
                 worker=self.worker_id,
             )
             records.append((reply_to or self.names.results, exc.task_id.encode(), encode_result(rejected), []))
-        await self._settle(records, [(tp, offset)])
+        await self._settle([(tp, offset, records)])
 
     def _dlq_headers(self, tp: Hashable, offset: int, code: str, message: str) -> Headers:
         topic, partition = tp if isinstance(tp, tuple) else (str(tp), -1)
@@ -456,12 +472,24 @@ class TaskPipeline:
             (DLQ_HEADER_WORKER, self.worker_id.encode()),
         ]
 
-    async def _settle(
-        self, records: list[tuple[str, bytes | None, bytes | None, Headers]], offsets: list[tuple[Hashable, int]]
-    ) -> None:
-        """Produce ``records``, wait for the broker's acks, then release the offsets in order and
-        free the in-flight slots. A record that cannot be delivered is fatal: its task must not be
-        committed, so the worker stops and the task is consumed again."""
+    async def _settle(self, groups: list[tuple[Hashable, int, list[Record]]]) -> None:
+        """Deliver the records of finished tasks (one group per consumed offset), then release
+        their offsets in order and free their in-flight slots.
+
+        At-least-once: produce every record, wait for the broker's acks, then
+        acknowledge the offsets (faust commits them). Exactly-once (a
+        ``transact`` callable was given): a task's records wait until every
+        earlier offset of its partition is finished too, then go out in one
+        Kafka transaction together with the offsets they complete, so results
+        and commits become visible together or not at all.
+
+        A record that cannot be delivered is fatal: its task must not be
+        committed, so the worker stops and the task is consumed again.
+        """
+        if self._transact is not None:
+            await self._settle_transactional(groups)
+            return
+        records = [record for _, _, recs in groups for record in recs]
         try:
             async def produce_all() -> None:
                 acks = [await self._send(topic, key, value, headers) for topic, key, value, headers in records]
@@ -472,10 +500,39 @@ class TaskPipeline:
             log.critical("could not deliver %d records; stopping so they are consumed again: %r", len(records), exc)
             self._on_fatal(exc)
             return
-        for tp, offset in offsets:
-            for token in self.tracker.done(tp, offset):
+        for tp, offset, _ in groups:
+            for _, token in self.tracker.done(tp, offset):
                 self._ack(token)
-        self.limiter.release(len(offsets))
+        self.limiter.release(len(groups))
+
+    async def _settle_transactional(self, groups: list[tuple[Hashable, int, list[Record]]]) -> None:
+        assert self._transact is not None
+        released: list[Record] = []
+        offsets: dict[Hashable, int] = {}
+        tokens: list[Any] = []
+        slots = 0
+        for tp, offset, records in groups:
+            if not self.tracker.tracks(tp, offset):
+                slots += 1  # its partition was revoked: nothing is committed here, the new owner serves it
+                continue
+            self._held[(tp, offset)] = records
+            for done_offset, token in self.tracker.done(tp, offset):
+                released.extend(self._held.pop((tp, done_offset)))
+                offsets[tp] = done_offset + 1
+                tokens.append(token)
+                slots += 1
+        if offsets:
+            try:
+                await asyncio.wait_for(self._transact(released, offsets), self.delivery_timeout_s)
+            except Exception as exc:
+                log.critical("transaction of %d records failed; stopping so that their tasks are consumed "
+                             "again (nothing of it is visible to read_committed readers): %r", len(released), exc)
+                self._on_fatal(exc)
+                return
+            self.counters.transactions += 1
+        for token in tokens:  # committed already; faust's own later commit of the same offsets is a no-op
+            self._ack(token)
+        self.limiter.release(slots)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -177,3 +177,34 @@ def test_consumer_group_from_env(clean_env: pytest.MonkeyPatch) -> None:
     assert load_settings().consumer_group == "staging-workers"
     clean_env.setenv("AUTOGLM_GROUP_ID", "custom")
     assert load_settings().consumer_group == "custom"
+
+
+def test_exactly_once_needs_an_external_broker():
+    from autoglm.config import load_settings
+    from autoglm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="embedded broker has no transactions"):
+        load_settings(delivery="exactly_once")
+    assert load_settings(delivery="exactly_once", bootstrap_servers="k:9092").delivery == "exactly_once"
+
+
+def test_fallbacks_parse_from_the_environment_form():
+    from autoglm.config import load_settings
+    from autoglm.errors import ConfigError
+
+    assert load_settings(fallbacks="digits=digits-small, minilm=tiny").fallbacks == {
+        "digits": "digits-small", "minilm": "tiny"}
+    with pytest.raises(ConfigError, match="model=fallback"):
+        load_settings(fallbacks="digits")
+
+
+def test_size_limits_must_fit_the_message_limit_and_sasl_needs_credentials():
+    from autoglm.config import load_settings
+    from autoglm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_task_bytes"):
+        load_settings(max_task_bytes=8 * 1024 * 1024)
+    with pytest.raises(ConfigError, match="sasl_mechanism"):
+        load_settings(security_protocol="SASL_PLAINTEXT")
+    with pytest.raises(ConfigError, match="at least 16"):
+        load_settings(control_key="short")

@@ -83,3 +83,61 @@ async def test_a_result_above_max_result_bytes_becomes_an_error_result_not_a_dro
     assert len([s for s in broker.on(RESULTS) if s.key == b"many"][0].value) <= 2000
     assert pipeline.counters.oversized_results == 1
     assert decode_result([s for s in broker.on(RESULTS) if s.key == b"many"][0].value).outputs is None
+
+
+# -- exactly-once settling ----------------------------------------------------------------
+
+
+async def test_transactional_mode_commits_results_only_with_the_contiguous_offsets_they_complete():
+    """A later offset finishing first waits for the earlier one: results and offsets go out together."""
+    from .test_pipeline import FakeRunner
+
+    transactions: list[tuple[list, dict]] = []
+
+    async def transact(records, offsets):
+        transactions.append(([r[1] for r in records], dict(offsets)))
+
+    broker = FakeBroker()
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
+        policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
+        send=broker.send, ack=broker.ack, max_in_flight=100, transact=transact,
+    )
+    tp = (TOPIC, 0)
+    for offset in range(3):
+        await pipeline.limiter.acquire()
+        pipeline.tracker.received(tp, offset, (offset, f"tok{offset}"))
+    rec = lambda name: [(RESULTS, name.encode(), b"{}", [])]  # noqa: E731
+    await pipeline._settle([(tp, 2, rec("c"))])
+    await pipeline._settle([(tp, 1, rec("b"))])
+    assert transactions == [] and broker.acked == [], "nothing may commit before offset 0 is done"
+    await pipeline._settle([(tp, 0, rec("a"))])
+    assert transactions == [([b"a", b"b", b"c"], {tp: 3})]
+    assert broker.acked == ["tok0", "tok1", "tok2"]
+    assert broker.sent == [], "exactly-once records go through the transaction only"
+    assert pipeline.limiter.in_flight == 0
+
+
+async def test_transactional_mode_drops_finished_results_of_a_revoked_partition():
+    from .test_pipeline import FakeRunner
+
+    transactions: list = []
+
+    async def transact(records, offsets):
+        transactions.append((records, offsets))
+
+    broker = FakeBroker()
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
+        policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
+        send=broker.send, ack=broker.ack, max_in_flight=100, transact=transact,
+    )
+    tp = (TOPIC, 0)
+    for offset in range(2):
+        await pipeline.limiter.acquire()
+        pipeline.tracker.received(tp, offset, (offset, f"tok{offset}"))
+    await pipeline._settle([(tp, 1, [(RESULTS, b"b", b"{}", [])])])  # held behind offset 0
+    pipeline.revoke([tp])
+    await pipeline._settle([(tp, 0, [(RESULTS, b"a", b"{}", [])])])  # finishes after the revoke
+    assert transactions == [] and broker.acked == []
+    assert pipeline.limiter.in_flight == 0
