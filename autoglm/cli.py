@@ -37,7 +37,15 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def _quiet_clients() -> None:
+    """Client commands print their own outcome; keep aiokafka's per-connection warnings out of it
+    (e.g. "Sending username and password in the clear" on every SASL_PLAINTEXT connection)."""
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+
+
 def _need_broker(settings: Settings) -> list[str]:
+    _quiet_clients()
     if settings.embedded:
         typer.echo("error: set --bootstrap-servers or AUTOGLM_BOOTSTRAP_SERVERS (the address of the broker "
                    "the worker uses)", err=True)

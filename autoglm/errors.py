@@ -205,3 +205,9 @@ class TaskTooLargeError(EventError):
     """A task record is larger than ``max_task_bytes``."""
 
     code = "too_large"
+
+
+class TopicMissingError(BrokerError):
+    """A topic the operation needs does not exist on the broker."""
+
+    code = "topic_missing"

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import typer
 
-from autoglm.errors import BrokerError, EventDecodeError, EventError
+from autoglm.errors import BrokerError, EventDecodeError, EventError, TopicMissingError
 from autoglm.streams.codec import loads
 from autoglm.streams.events import Task, decode_task, encode_task, now_ms
 from autoglm.streams.topics import TopicNames
@@ -110,7 +110,7 @@ async def send_records(servers: list[str], records: list[Record], client_kwargs:
     for topic in sorted({topic for topic, _, _ in records}):
         try:
             await partitions_of(servers, topic, timeout_s=3.0, client_kwargs=client_kwargs)
-        except BrokerError:
+        except TopicMissingError:
             raise BrokerError(
                 f"topic {topic!r} does not exist: is a worker serving that model with this prefix? "
                 "(workers create their models' topics at start)"

@@ -41,7 +41,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from autoglm.errors import BrokerError, ControlSignatureError, EventDecodeError, EventError
+from autoglm.errors import BrokerError, ControlSignatureError, EventDecodeError, EventError, TopicMissingError
 from autoglm.processors.control import ControlState, Decision, check_configure_params, control_key
 from autoglm.streams.codec import dumps, loads
 from autoglm.streams.events import CONTROL_COMMANDS, ControlEvent, decode_control, encode_control, now_ms
@@ -411,10 +411,8 @@ class ControlClient:
         kwargs = client_kwargs or {}
         self._bootstrap = bootstrap_servers
         self._security = kwargs
-        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all", linger_ms=0, **kwargs)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, group_id=None,
-                                          enable_auto_commit=False, auto_offset_reset="earliest",
-                                          fetch_max_wait_ms=50, **kwargs)
+        self._producer: AIOKafkaProducer | None = None  # made in __aenter__ (aiokafka wants the running loop)
+        self._consumer: AIOKafkaConsumer | None = None
         self._tp = TopicPartition(self.names.status, 0)
         self._seen: list[dict[str, Any]] = []
 
@@ -424,11 +422,16 @@ class ControlClient:
         for topic in (self.names.control, self.names.status):
             try:
                 await partitions_of(self._bootstrap, topic, timeout_s=3.0, client_kwargs=self._security)
-            except BrokerError:
+            except TopicMissingError:
                 raise BrokerError(
                     f"topic {topic!r} does not exist on {self._bootstrap}: is a worker running with prefix "
                     f"{self.names.prefix!r}? (workers create the control and status topics at start)"
                 ) from None
+        self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", linger_ms=0,
+                                          **self._security)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, group_id=None,
+                                          enable_auto_commit=False, auto_offset_reset="earliest",
+                                          fetch_max_wait_ms=50, **self._security)
         try:
             await self._producer.start()
             await self._consumer.start()
@@ -442,8 +445,10 @@ class ControlClient:
         await self._close()
 
     async def _close(self) -> None:
-        await self._producer.stop()
-        await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     async def _read_until_end(self) -> list[dict[str, Any]]:
         end = (await self._consumer.end_offsets([self._tp]))[self._tp]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from autoglm.errors import BrokerError
+from autoglm.errors import BrokerError, TopicMissingError
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ async def partitions_of(
     """Partition ids of ``topic``, waiting up to ``timeout_s`` for a just-created topic to appear.
 
     Raises:
-        BrokerError: the topic does not exist after ``timeout_s``, or the broker is unreachable.
+        TopicMissingError: the topic does not exist after ``timeout_s``.
+        BrokerError: the broker is unreachable or refused (authentication, authorization).
     """
     import asyncio
     import time
@@ -137,7 +138,7 @@ async def partitions_of(
             if info.get("error_code", 0) == 0 and parts:
                 return parts
             if time.monotonic() >= deadline:
-                raise BrokerError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+                raise TopicMissingError(f"topic {topic!r} does not exist on {bootstrap_servers}")
             await asyncio.sleep(0.1)
     except KafkaError as exc:
         raise BrokerError(f"could not describe {topic!r} on {bootstrap_servers}: {exc!r}") from exc
