@@ -236,6 +236,36 @@ def summarize(run: Run, trace_len: int) -> dict[str, Any]:
     return out
 
 
+def median_summary(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over rounds of every figure (and of each phase's), with ``spread`` = (min, max).
+
+    The timeline (for the plots) is the one of the round whose mean latency is the median.
+    """
+    keys = ("mean_ms", "p50_ms", "p99_ms", "throughput_per_s", "jitter", "mean_batch_size")
+
+    def med(values: list[Any]) -> float | None:
+        vals = [v for v in values if v is not None]
+        return float(np.median(vals)) if vals else None
+
+    out: dict[str, Any] = {k: med([s[k] for s in summaries]) for k in keys}
+    out["tasks"] = summaries[0]["tasks"]
+    out["completed"] = int(min(s["completed"] for s in summaries))
+    out["rounds"] = len(summaries)
+    out["spread"] = {k: [min(s[k] for s in summaries if s[k] is not None),
+                         max(s[k] for s in summaries if s[k] is not None)]
+                     for k in keys if any(s[k] is not None for s in summaries)}
+    out["phases"] = {}
+    for phase in summaries[0]["phases"]:
+        ph = [s["phases"][phase] for s in summaries if phase in s["phases"]]
+        out["phases"][phase] = {"tasks": ph[0]["tasks"], "completed": int(min(p["completed"] for p in ph)),
+                                "mean_ms": med([p["mean_ms"] for p in ph]), "p99_ms": med([p["p99_ms"] for p in ph]),
+                                "spread_mean_ms": [min(p["mean_ms"] for p in ph), max(p["mean_ms"] for p in ph)]}
+    order = sorted(range(len(summaries)), key=lambda i: summaries[i]["mean_ms"] or 0.0)
+    out["timeline"] = summaries[order[len(order) // 2]]["timeline"]
+    out["per_round"] = [{k: s[k] for k in keys} for s in summaries]
+    return out
+
+
 def binned_timeline(t_s: list[float], latency_ms: list[float], batch_size: list[int],
                     bin_s: float = 0.25) -> dict[str, list[float]]:
     """Per ``bin_s`` of receipt time: mean latency, max latency, mean batch size, results."""
@@ -322,6 +352,8 @@ def main(
     quick: bool = typer.Option(False, help="smoke run: short phases, fewer settings"),
     phase_s: float = typer.Option(5.0, help="seconds per trace phase"),
     repeats: int = typer.Option(2, help="repetitions of the phase cycle"),
+    rounds: int = typer.Option(3, help="replays of the trace per setting, interleaved across settings; "
+                                        "figures are the median over rounds, with min-max spread"),
     bootstrap_servers: str = typer.Option(None, help="use this Kafka instead of starting one"),
     embedded: bool = typer.Option(False, help="use the embedded broker instead of Apache Kafka"),
     update_readme: bool = typer.Option(False, help="rewrite the table in benchmarks/README.md"),
@@ -335,7 +367,7 @@ def main(
 
     console = Console(stderr=True)
     if quick:
-        phase_s, repeats = 2.0, 1
+        phase_s, repeats, rounds = 2.0, 1, 1
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     broker_ctx = None
@@ -373,29 +405,36 @@ def main(
             trace = poisson_trace(capacity, phase_s, repeats)
             console.print(f"[bold]{model}[/]: capacity {capacity:.0f}/s; trace of {len(trace)} tasks over "
                           f"{phase_s * len(PHASES) * repeats:.0f} s")
-            runs: dict[str, Any] = {}
-            for setting in settings:
-                prefix = f"bench-{uuid.uuid4().hex[:6]}"
-                asyncio.run(ensure_topics(bootstrap, TopicNames(prefix), [model], partitions=1))
-                log = RESULTS / f"{stamp}-{model}-worker.log"
-                proc = start_worker(bootstrap, prefix, model, setting.env, log, embedded)
-                run = Run(setting.name)
-                try:
-                    with Progress(console=console, transient=True) as progress:
-                        bar = progress.add_task(f"{model} {setting.name}", total=len(trace))
-                        asyncio.run(replay(bootstrap, prefix, inputs, trace, run, proc,
-                                           _Bar(progress, bar), drain_timeout_s=60))
-                finally:
-                    stop_worker(proc)
-                runs[setting.name] = summarize(run, len(trace))
-                s = runs[setting.name]
-                console.print(f"  {setting.name:>16}: mean {s['mean_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  "
-                              f"{s['throughput_per_s']:.0f}/s  jitter {s['jitter']:.2f}  "
-                              f"batch {s['mean_batch_size']:.1f}  ({s['completed']}/{s['tasks']})")
+            per_round: dict[str, list[dict[str, Any]]] = {s.name: [] for s in settings}
+            for round_ in range(rounds):
+                # interleaved: each round runs every setting once, in a rotated order, so that slow
+                # drifts of the machine (other load, thermal) spread over all settings alike
+                order = settings[round_ % len(settings):] + settings[:round_ % len(settings)]
+                for setting in order:
+                    prefix = f"bench-{uuid.uuid4().hex[:6]}"
+                    asyncio.run(ensure_topics(bootstrap, TopicNames(prefix), [model], partitions=1))
+                    log = RESULTS / f"{stamp}-{model}-worker.log"
+                    proc = start_worker(bootstrap, prefix, model, setting.env, log, embedded)
+                    run = Run(setting.name)
+                    try:
+                        with Progress(console=console, transient=True) as progress:
+                            bar = progress.add_task(f"{model} {setting.name} (round {round_ + 1}/{rounds})",
+                                                    total=len(trace))
+                            asyncio.run(replay(bootstrap, prefix, inputs, trace, run, proc,
+                                               _Bar(progress, bar), drain_timeout_s=60))
+                    finally:
+                        stop_worker(proc)
+                    per_round[setting.name].append(summarize(run, len(trace)))
+                    s = per_round[setting.name][-1]
+                    console.print(f"  r{round_ + 1} {setting.name:>16}: mean {s['mean_ms']:.1f} ms  "
+                                  f"p99 {s['p99_ms']:.1f} ms  {s['throughput_per_s']:.0f}/s  "
+                                  f"jitter {s['jitter']:.2f}  batch {s['mean_batch_size']:.1f}  "
+                                  f"({s['completed']}/{s['tasks']})")
+            runs = {name: median_summary(summaries) for name, summaries in per_round.items()}
             log.unlink(missing_ok=True)
             report["models"][model] = {"latency_target_s": target_s, "offline_limit_per_s": limit,
                                        "capacity_per_s": capacity, "trace_tasks": len(trace),
-                                       "phase_s": phase_s, "repeats": repeats, "runs": runs,
+                                       "phase_s": phase_s, "repeats": repeats, "rounds": rounds, "runs": runs,
                                        "verdict": verdict(runs)}
     finally:
         if broker_ctx:

@@ -18,7 +18,8 @@ def table(report: dict[str, Any]) -> str:
     for model, m in report["models"].items():
         lines.append(f"**{model}** (latency target {m['latency_target_s'] * 1000:.0f} ms; offline limit "
                      f"L = {max(m['offline_limit_per_s'].values()):.0f}/s at its best batch; pipeline capacity "
-                     f"T = {m['capacity_per_s']:.0f}/s; {m['trace_tasks']} tasks)")
+                     f"T = {m['capacity_per_s']:.0f}/s; {m['trace_tasks']} tasks; "
+                     f"median of {m.get('rounds', 1)} interleaved round(s), mean's min-max in brackets)")
         lines.append("")
         lines.append("| setting | mean ms | p50 ms | p99 ms | tasks/s | jitter | mean batch | "
                      "quiet mean ms | medium mean ms | burst mean ms |")
@@ -26,8 +27,10 @@ def table(report: dict[str, Any]) -> str:
         for name, r in m["runs"].items():
             phases = [r["phases"].get(p, {}).get("mean_ms") for p in PHASE_ORDER]
             cells = [f"{v:.1f}" if v is not None else "-" for v in phases]
+            sp = r.get("spread", {}).get("mean_ms")
+            mean = f"{r['mean_ms']:.1f}" + (f" ({sp[0]:.0f}-{sp[1]:.0f})" if sp and r.get("rounds", 1) > 1 else "")
             lines.append(
-                f"| {name} | {r['mean_ms']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                f"| {name} | {mean} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
                 f"{r['throughput_per_s']:.0f} | {r['jitter']:.2f} | {r['mean_batch_size']:.1f} | "
                 + " | ".join(cells) + " |"
             )
