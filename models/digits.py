@@ -101,7 +101,25 @@ def _reproducible(seed: int) -> Iterator[None]:
             torch.use_deterministic_algorithms(det, warn_only=det_warn)
 
 
-def train_digits(seed: int = 0) -> nn.Module:
+class DigitsLinearNet(nn.Module):
+    """Multinomial logistic regression: flatten -> 64 -> 10 logits (the ``digits-linear`` fallback).
+
+    Input float32 ``(B, 1, 8, 8)``; output float32 ``(B, 10)`` logits. About 650
+    parameters against the CNN's 38,000; held-out accuracy about 93 % (the CNN: 98 %).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {"cnn": DigitsNet, "linear": DigitsLinearNet}
+
+
+def train_digits(seed: int = 0, arch: str = "cnn") -> nn.Module:
     """Train a :class:`DigitsNet` from scratch on the train split, on the CPU.
 
     Deterministic: the same seed gives bit-identical weights (seeded torch RNG,
@@ -118,7 +136,7 @@ def train_digits(seed: int = 0) -> nn.Module:
     x_tr, y_tr, _, _ = split_digits(seed)
     x, y = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
     with _reproducible(seed):
-        net = DigitsNet()
+        net = ARCHITECTURES[arch]()
         opt = torch.optim.Adam(net.parameters(), lr=LEARNING_RATE)
         loss_fn = nn.CrossEntropyLoss()
         gen = torch.Generator().manual_seed(seed)
@@ -138,17 +156,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AUTOGLM_CACHE_DIR") or "~/.cache/autoglm").expanduser()
 
 
-def cache_path(seed: int = 0, directory: str | os.PathLike[str] | None = None) -> Path:
-    """Where the trained weights for ``seed`` are cached: ``<dir>/digits-v1-seed{seed}.pt``.
+def cache_path(seed: int = 0, directory: str | os.PathLike[str] | None = None, arch: str = "cnn") -> Path:
+    """Where the trained weights for ``seed`` are cached: ``<dir>/digits-v1-seed{seed}.pt``
+    (``digits-linear-v1-seed{seed}.pt`` for the linear architecture).
 
     ``directory`` defaults to :func:`cache_dir`.
     """
     base = Path(directory).expanduser() if directory is not None else cache_dir()
-    return base / f"digits-{CACHE_VERSION}-seed{seed}.pt"
+    stem = "digits" if arch == "cnn" else f"digits-{arch}"
+    return base / f"{stem}-{CACHE_VERSION}-seed{seed}.pt"
 
 
 def load_or_train_digits(
-    seed: int = 0, directory: str | os.PathLike[str] | None = None
+    seed: int = 0, directory: str | os.PathLike[str] | None = None, arch: str = "cnn"
 ) -> tuple[nn.Module, float | None]:
     """Load cached weights, or train (and cache) when there are none or they are unusable.
 
@@ -164,9 +184,9 @@ def load_or_train_digits(
         ``(net, train_s)``: the network in eval mode on the CPU, and the
         training seconds, or ``None`` when it came from the cache.
     """
-    path = cache_path(seed, directory)
+    path = cache_path(seed, directory, arch)
     if path.exists():
-        net = DigitsNet()
+        net = ARCHITECTURES[arch]()
         try:
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             logger.info("digits: loaded cached weights from %s", path)
@@ -174,7 +194,7 @@ def load_or_train_digits(
         except Exception as exc:  # a torn, truncated or foreign file
             logger.warning("digits: cache %s is unusable (%r); retraining over it", path, exc)
     t0 = time.perf_counter()
-    net = train_digits(seed)
+    net = train_digits(seed, arch)
     train_s = time.perf_counter() - t0
     logger.info("digits: trained seed %d in %.2f s", seed, train_s)
     try:
@@ -218,6 +238,7 @@ class DigitsModel(InferenceModel):
     """
 
     name = "digits"
+    arch = "cnn"
     signature = Signature(
         input_kind="tensor",
         input="float32 (B, 1, 8, 8), (B, 8, 8) or (B, 64); values in [0, 1] (pixel / 16)",
@@ -247,10 +268,10 @@ class DigitsModel(InferenceModel):
             ModelLoadError: the weights could not be produced or moved.
         """
         try:
-            net, self.train_s = load_or_train_digits(self.seed, self.cache_directory)
+            net, self.train_s = load_or_train_digits(self.seed, self.cache_directory, self.arch)
             self.net = net.to(device).eval()
         except Exception as exc:
-            raise ModelLoadError(f"model 'digits': could not load weights: {exc!r}") from exc
+            raise ModelLoadError(f"model {self.name!r}: could not load weights: {exc!r}") from exc
         self.device = device
         with torch.inference_mode():
             self.forward(np.zeros((1, 1, 8, 8), dtype=np.float32))
@@ -299,7 +320,7 @@ class DigitsModel(InferenceModel):
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities (softmax of the logits): float32 ``(B, 10)`` on the CPU."""
         if self.net is None:
-            raise RuntimeError("model 'digits' is not loaded")
+            raise RuntimeError(f"model {self.name!r} is not loaded")
         logits = self.net(torch.from_numpy(batch).to(self.device))
         return torch.softmax(logits, dim=1).float().cpu().numpy()
 
@@ -308,3 +329,15 @@ def _describe(value: Any) -> str:
     if isinstance(value, list):
         return f"list of {len(value)} {'texts' if value and isinstance(value[0], str) else 'items'}"
     return type(value).__name__
+
+
+class DigitsLinearModel(DigitsModel):
+    """``digits-linear``: the same task as ``digits`` with a linear model (:class:`DigitsLinearNet`).
+
+    Same input and output signature, so it can stand in for ``digits`` as its
+    fallback (``AUTOGLM_FALLBACKS=digits=digits-linear``): cheaper and a little
+    less accurate (about 93 % against 98 % held out).
+    """
+
+    name = "digits-linear"
+    arch = "linear"

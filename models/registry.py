@@ -183,6 +183,12 @@ def _digits() -> InferenceModel:
     return DigitsModel()
 
 
+def _digits_linear() -> InferenceModel:
+    from autoglm.models.digits import DigitsLinearModel
+
+    return DigitsLinearModel()
+
+
 def _minilm() -> InferenceModel:
     from autoglm.models.minilm import MiniLMModel
 
@@ -190,10 +196,14 @@ def _minilm() -> InferenceModel:
 
 
 def default_registry() -> ModelRegistry:
-    """A new registry with the built-in models ``digits`` and ``minilm`` (default settings)."""
+    """A new registry with the built-in models ``digits``, ``digits-linear`` and ``minilm``."""
     registry = ModelRegistry()
     registry.register(
         "digits", _digits, description="8x8 handwritten digits CNN: float32 (B, 64) -> (B, 10) probabilities"
+    )
+    registry.register(
+        "digits-linear", _digits_linear,
+        description="8x8 digits, linear (fallback for digits): float32 (B, 64) -> (B, 10) probabilities",
     )
     registry.register(
         "minilm", _minilm, description="all-MiniLM-L6-v2 sentence embeddings: texts -> float32 (B, 384)"

@@ -141,3 +141,35 @@ async def test_transactional_mode_drops_finished_results_of_a_revoked_partition(
     await pipeline._settle([(tp, 0, [(RESULTS, b"a", b"{}", [])])])  # finishes after the revoke
     assert transactions == [] and broker.acked == []
     assert pipeline.limiter.in_flight == 0
+
+
+async def test_a_model_that_fails_to_load_is_served_by_its_fallback_and_results_say_so():
+    from autoglm.models.fallback import FallbackRunner
+
+    class Broken(ToyModel):
+        name = "toy"
+
+        def load(self, device: str) -> None:
+            raise RuntimeError("weights missing")
+
+    class Backup(ToyModel):
+        name = "toy-backup"
+
+    runner = FallbackRunner(ModelRunner(Broken(), device="cpu"), ModelRunner(Backup(), device="cpu"))
+    await runner.start()
+    broker = FakeBroker()
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": runner},
+        policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
+        send=broker.send, ack=broker.ack, max_in_flight=100,
+    )
+    for offset in range(3):
+        await pipeline.on_record(TOPIC, 0, offset, f"k{offset}".encode(), task_bytes(f"k{offset}", rows(offset)),
+                                 f"tok{offset}")
+    pipeline.start()
+    await pipeline.stop()
+    runner.close(wait=False)
+    results = broker.results_by_id()
+    assert {r.status for r in results.values()} == {"ok"}
+    assert {r.model for r in results.values()} == {"toy"} and {r.served_by for r in results.values()} == {"toy-backup"}
+    assert np.array_equal(results["k2"].outputs, rows(2) * 2)
