@@ -209,7 +209,7 @@ def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wa
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
     _print_outcome(outcome, wait=wait, as_json=as_json)
-    if wait and not outcome.ok:
+    if wait and (not outcome.ok or (worker_id is not None and outcome.live and worker_id not in outcome.live)):
         raise typer.Exit(1)
 
 
@@ -227,6 +227,10 @@ def _print_outcome(outcome, *, wait: bool, as_json: bool) -> None:
     what = f"{ev.command} {ev.target or 'all'}" + (f" {ev.params}" if ev.params else "")
     typer.echo(f"sent {what} (event {ev.id})")
     if not wait:
+        return
+    if not outcome.expected and not outcome.acks and outcome.live and ev.target.get("worker"):
+        typer.echo(f"no live worker has id {ev.target['worker']!r} (live: {', '.join(sorted(outcome.live))}); "
+                   "the event is kept in the control topic and applies if that worker starts", err=True)
         return
     if not outcome.expected and not outcome.acks:
         typer.echo("no live worker (none sent a heartbeat recently); the state is kept in the control topic "
@@ -344,7 +348,8 @@ def status(
                           num(fig.get("p99_ms")), num(fig.get("mean_batch_size")),
                           num(fig.get("target_size"), "{}"), num(fig.get("queue_depth"), "{}"),
                           num(fig.get("lag"), "{}"), num(hb.get("in_flight"), "{}"))
-    Console().print(table)
+    # not a terminal (a pipe, grep): never wrap or cut the cells
+    Console(width=None if sys.stdout.isatty() else 250, soft_wrap=not sys.stdout.isatty()).print(table)
 
 
 def main() -> None:

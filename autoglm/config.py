@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from autoglm.errors import ConfigError
 
 ENV_PREFIX = "AUTOGLM_"
+#: Never echoed in error messages.
+SECRET_FIELDS = ("control_key", "sasl_password")
 
 
 def _default_worker_id() -> str:
@@ -206,5 +208,9 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"]) or "settings"
             env = f"{ENV_PREFIX}{name.upper()}" if name != "settings" else ENV_PREFIX + "*"
-            problems.append(f"{name} ({env}): {err['msg']}; got {err.get('input')!r}")
+            shown = err.get("input")
+            if name == "settings" or name in SECRET_FIELDS:  # whole-settings errors would print every value
+                problems.append(f"{name} ({env}): {err['msg']}")
+            else:
+                problems.append(f"{name} ({env}): {err['msg']}; got {shown!r}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

@@ -83,6 +83,8 @@ def settings_datadir(settings: Settings) -> "Any":
 #: A partition no worker is ever assigned: fetched from when every assigned
 #: partition is paused, so that the client keeps polling (see PausableConsumer).
 KEEPALIVE_TP = TP("__autoglm_keepalive__", 0)
+#: Longest fetch wait while a partition is paused: how soon a resume reaches the fetcher.
+RESUME_POLL_S = 0.05
 
 
 class PausableConsumer(faust_aiokafka.Consumer):
@@ -117,7 +119,11 @@ class PausableConsumer(faust_aiokafka.Consumer):
 
     async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
         if active_partitions:
-            active_partitions = {tp for tp in active_partitions if not self.is_paused(tp)} or {KEEPALIVE_TP}
+            wanted = {tp for tp in active_partitions if not self.is_paused(tp)}
+            if len(wanted) < len(active_partitions):
+                # something is paused: wait briefly, so that a resume takes effect within ~50 ms
+                timeout = min(timeout, RESUME_POLL_S)
+            active_partitions = wanted or {KEEPALIVE_TP}
         records = await super()._getmany(active_partitions, timeout)
         for tp in [tp for tp, recs in records.items() if recs and self.is_paused(tp)]:
             # paused while this fetch was waiting: hand the records back to Kafka (seek to the first),

@@ -370,6 +370,7 @@ class CommandOutcome:
     Attributes:
         event: the event sent.
         expected: ids of the live workers it was expected from.
+        live: ids of every live worker when it was sent.
         acks: worker id -> its ack (status event dict), including workers not expected.
         missing: expected workers that did not acknowledge in time.
         elapsed_s: seconds from send to the last ack (or the timeout).
@@ -377,6 +378,7 @@ class CommandOutcome:
 
     event: ControlEvent
     expected: set[str] = field(default_factory=set)
+    live: set[str] = field(default_factory=set)
     acks: dict[str, dict[str, Any]] = field(default_factory=dict)
     missing: set[str] = field(default_factory=set)
     elapsed_s: float = 0.0
@@ -494,6 +496,11 @@ class ControlClient:
         params = dict(params or {})
         if command == "configure":
             check_configure_params(params)
+            # ranges too, before the event reaches the compacted topic (where an invalid value would
+            # supersede a valid one under the same key)
+            from autoglm.processors.adaptive import AdaptiveBatchPolicy
+
+            AdaptiveBatchPolicy().configure(**params)
         target = {k: v for k, v in (("model", model), ("worker", worker)) if v}
         event = ControlEvent(id=uuid.uuid4().hex, command=command, target=target, params=params,
                              issued_ms=now_ms())
@@ -517,7 +524,7 @@ class ControlClient:
         expected = {w for w in live if worker is None or w == worker}
         started = time.monotonic()
         event = await self.send(command, model=model, worker=worker, params=params)
-        outcome = CommandOutcome(event=event, expected=expected)
+        outcome = CommandOutcome(event=event, expected=expected, live=set(live))
         if not wait:
             return outcome
         deadline = started + timeout_s

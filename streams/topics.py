@@ -102,6 +102,15 @@ async def ensure_topics(
             for t, n in wanted.items()
             if t not in existing
         ]
+        if names.control in existing or names.status in existing:
+            for info in await admin.describe_topics([t for t in (names.control, names.status) if t in existing]):
+                count = len(info.get("partitions", []))
+                if count != 1:
+                    raise BrokerError(
+                        f"topic {info.get('topic')!r} has {count} partitions; the control and status topics "
+                        "need exactly 1 (events are ordered and every worker reads all of them). Delete it, "
+                        "or use another AUTOGLM_TOPIC_PREFIX"
+                    )
         if missing:
             try:
                 await admin.create_topics(missing)
@@ -132,6 +141,13 @@ async def partitions_of(
     try:
         await admin.start()
         while True:
+            # ask list_topics first: a metadata request for one topic may auto-create it on brokers
+            # that allow that (the embedded one does), with the wrong partition count
+            if topic not in set(await admin.list_topics()):
+                if time.monotonic() >= deadline:
+                    raise TopicMissingError(f"topic {topic!r} does not exist on {bootstrap_servers}")
+                await asyncio.sleep(0.1)
+                continue
             described = await admin.describe_topics([topic])
             info = described[0] if described else {}
             parts = sorted(p["partition"] for p in info.get("partitions", []))

@@ -163,28 +163,25 @@ def test_wait_names_a_frozen_worker_and_exits_1(kafka_bootstrap, prefix, workers
     assert "Traceback" not in proc.stderr
 
 
-def test_configure_rejected_by_the_workers_exits_1_with_the_reason(kafka_bootstrap, prefix, workers, model_cache):
+def test_configure_out_of_range_is_refused_before_it_reaches_the_control_topic(kafka_bootstrap, prefix, workers,
+                                                                              model_cache):
+    """An invalid value never lands in the compacted topic, where it would supersede a valid one."""
     env = cli_env(kafka_bootstrap, prefix)
     start_workers(workers, kafka_bootstrap, prefix, 1, **FAST)
+    wait_status(env, ready(1), "a ready worker")
     proc = autoglm(env, "ctl", "configure", "--max-batch-size", "0", "--wait")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert acked_lines(proc.stdout) == {"w0": "rejected"}
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("  w0: "))
-    assert line.endswith("max_batch_size must be >= 1, got 0"), line
-    assert "error: not applied by: w0" in proc.stderr
-    # the worker kept its own setting
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "error: max_batch_size must be >= 1, got 0"
+    assert "sent" not in proc.stdout
+    # the worker kept its own setting, and nothing was published
     live = wait_status(env, ready(1), "a ready worker")
     assert live["w0"]["models"]["digits"]["max_batch_size"] == 64
     assert live["w0"]["state"]["models"]["digits"]["params"] == {}
+    proc = autoglm(env, "ctl", "configure", "--max-batch-size", "12", "--wait")
+    assert proc.returncode == 0 and acked_lines(proc.stdout) == {"w0": "ok"}, proc.stdout + proc.stderr
 
 
-EMBEDDED_AUTO_CREATE = pytest.mark.xfail(
-    strict=True, reason="streams/topics.py partitions_of asks for metadata with allow_auto_topic_creation on: the "
-    "embedded broker (Tansu) then creates <prefix>.control and .status with 4 partitions, and workers started later "
-    "keep them (control events on partitions other than 0 are never read)")
-
-
-@pytest.mark.parametrize("broker", ["kafka", pytest.param("embedded", marks=EMBEDDED_AUTO_CREATE)])
+@pytest.mark.parametrize("broker", ["kafka", "embedded"])
 @pytest.mark.parametrize("command", [["ctl", "pause", "--wait"], ["ctl", "status"], ["status"]])
 def test_ctl_against_a_prefix_without_topics_is_a_clear_error(request, broker, command, prefix):
     bootstrap = request.getfixturevalue(f"{broker}_bootstrap")
@@ -194,3 +191,17 @@ def test_ctl_against_a_prefix_without_topics_is_a_clear_error(request, broker, c
     assert f"is a worker running with prefix '{prefix}'?" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+    # asking must not create them (a broker that auto-creates would make them with the wrong partition count)
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def topics() -> set[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            return set(await admin.list_topics())
+        finally:
+            await admin.close()
+
+    assert not {t for t in asyncio.run(topics()) if t.startswith(prefix)}

@@ -206,9 +206,18 @@ async def test_configure_retunes_every_worker_and_bad_values_are_rejected(kafka_
         await produce(kafka_bootstrap, records)
         results, _ = await results_for(kafka_bootstrap, prefix, {t.id for t in tasks}, 60)
         assert max(r.batch_size for r in results.values()) == 3
-        bad = await client.command("configure", params={"latency_target_s": -1.0}, wait=True, timeout_s=20)
-        assert not bad.ok and {a["status"] for a in bad.acks.values()} == {"rejected"}
-        assert all("latency_target_s" in a["reason"] for a in bad.acks.values())
+        with pytest.raises(ValueError, match="latency_target_s"):  # the client refuses to publish it
+            await client.command("configure", params={"latency_target_s": -1.0}, wait=True, timeout_s=20)
+        # published by another client anyway: every worker rejects it and keeps its setting
+        bad = ControlEvent(id="bad-configure", command="configure", params={"latency_target_s": -1.0},
+                           issued_ms=now_ms())
+        await produce(kafka_bootstrap, [(f"{prefix}.control", b"configure/*/*/latency_target_s",
+                                         sign_control(bad, None))])
+        acks = await read_until(kafka_bootstrap, f"{prefix}.status",
+                                lambda r: sum(b'"bad-configure"' in x.value for x in r) >= 2, 30)
+        rejected = [orjson.loads(r.value) for r in acks if b'"bad-configure"' in r.value]
+        assert {(a["worker"], a["status"]) for a in rejected} == {("w0", "rejected"), ("w1", "rejected")}
+        assert all("latency_target_s" in a["reason"] for a in rejected)
         report = await client.command("status", wait=True, timeout_s=20)
         assert report.ok and all(a["report"]["models"]["digits"]["max_batch_size"] == 3
                                  for a in report.acks.values())

@@ -208,3 +208,16 @@ def test_size_limits_must_fit_the_message_limit_and_sasl_needs_credentials():
         load_settings(security_protocol="SASL_PLAINTEXT")
     with pytest.raises(ConfigError, match="at least 16"):
         load_settings(control_key="short")
+
+
+def test_settings_errors_never_print_secrets():
+    from autoglm.config import load_settings
+    from autoglm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:  # a whole-settings error (SASL without a mechanism)
+        load_settings(security_protocol="SASL_SSL", sasl_username="u", sasl_password="hunter2-secret",
+                      control_key="another-secret-of-length")
+    assert "hunter2" not in str(info.value) and "another-secret" not in str(info.value)
+    with pytest.raises(ConfigError) as info:  # a field error on a secret
+        load_settings(control_key="short-secret")
+    assert "short-secret" not in str(info.value)
