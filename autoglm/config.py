@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     - ``status_interval_s=5``: heartbeats on ``<prefix>.status``; a worker
       silent for three intervals counts as gone (``autoglm ctl --wait``).
     - ``drain_timeout_s=120``: the longest a drain waits for in-flight tasks.
+    - ``stop_timeout_s=30``: on SIGTERM, the longest the worker waits for its
+      partial batches to be served and delivered before it commits and leaves
+      (give the process manager a longer grace period, e.g. compose's 60 s).
     - ``control_key``: unset means control events are not signed (fine on a
       private broker); set it (>= 16 chars) on every worker and ops client to
       require HMAC-SHA256 signatures.
@@ -112,6 +115,7 @@ class Settings(BaseSettings):
     max_poll_interval_s: float = Field(default=300.0, gt=0.0)
     status_interval_s: float = Field(default=5.0, gt=0.0, le=3600.0)
     drain_timeout_s: float = Field(default=120.0, gt=0.0)
+    stop_timeout_s: float = Field(default=30.0, gt=0.0)
     control_key: SecretStr | None = Field(default=None, description="shared HMAC-SHA256 key; control events must be signed")
     # broker security, passed to every Kafka client (producer, consumers, admin)
     security_protocol: str = Field(default="PLAINTEXT", pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$")

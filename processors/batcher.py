@@ -92,6 +92,10 @@ class MicroBatcher(Generic[T]):
         """True while a batch is in the handler."""
         return self._running is not None and not self._running.done()
 
+    def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
+        """Take queued tasks (not yet in a batch) that satisfy ``predicate`` out; they reach no batch."""
+        return [q.item for q in self._queue.remove_if(predicate)]
+
     def put(self, item: T, *, priority: int = 0, deadline_s: float | None = None) -> None:
         """Queue one task now (``deadline_s`` on this batcher's clock, or None)."""
         self._queue.push(item, now_s=self.clock(), priority=priority, deadline_s=deadline_s)

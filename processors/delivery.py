@@ -74,6 +74,10 @@ class OffsetTracker(Generic[Token]):
             released.append(queue.popleft().token)
         return released
 
+    def unfinished(self, partition: Hashable) -> int:
+        """Offsets received on ``partition`` and not yet marked done."""
+        return sum(1 for e in self._pending.get(partition, ()) if not e.done)
+
     def tracks(self, partition: Hashable, offset: int) -> bool:
         """Whether ``offset`` is in flight on ``partition`` (false once its partition was revoked)."""
         return (partition, offset) in self._index

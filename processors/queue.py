@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass, field
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -97,6 +97,11 @@ class TaskQueue(Generic[T]):
             if not entry.removed:
                 out.append(self._take(entry))
         return out
+
+    def remove_if(self, predicate: Callable[[T], bool]) -> list[QueuedTask[T]]:
+        """Remove and return every queued task whose item satisfies ``predicate`` (e.g. the tasks of
+        partitions revoked in a rebalance), in no particular order."""
+        return [self._take(e) for e in list(self._heap) if not e.removed and predicate(e.item)]
 
     def _take(self, entry: _Entry[T]) -> QueuedTask[T]:
         """Mark ``entry`` removed (its copies in the other heaps are skipped lazily) and hand it out."""

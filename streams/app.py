@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -54,7 +54,8 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         # an exception or cancellation in the agent must never ack a record
         stream_ack_exceptions=False,
         stream_ack_cancelled_tasks=False,
-        stream_wait_empty=True,
+        # the consumer's own hooks finish or hand back in-flight tasks, bounded (PausableConsumer)
+        stream_wait_empty=False,
         # producer: wait for all in-sync replicas before a result counts as delivered
         producer_acks=-1,
         producer_max_request_size=settings.max_message_bytes,
@@ -112,10 +113,49 @@ class PausableConsumer(faust_aiokafka.Consumer):
     #: are asynchronous and could land after a newer transactional commit, are skipped.
     commits_in_transactions: bool = False
 
+    #: awaited with the revoked partitions before faust forgets their acknowledgements
+    before_revoke: Callable[[set], Awaitable[None]] | None = None
+    #: awaited when the consumer stops, before its last commit
+    before_stop: Callable[[], Awaitable[None]] | None = None
+
     async def _commit(self, offsets: Any) -> bool:
         if self.commits_in_transactions:
             return True
         return await super()._commit(offsets)
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        """Finish (or hand back) the revoked partitions' tasks and commit them, then let faust revoke.
+
+        faust-streaming 0.15 drops the acknowledged, not yet committed offsets of revoked
+        partitions before its own handlers run, so tasks served since the last periodic commit
+        would be served again by the new owner; and its ``stream_wait_empty`` waits for every
+        queued task with no bound, past the rebalance timeout, after which two workers serve one
+        partition. Here: queued tasks of the revoked partitions are handed back uncommitted,
+        those in the model are awaited (bounded), and what was served is committed first.
+        """
+        if self.before_revoke is not None:
+            try:
+                await self.before_revoke(set(revoked))
+            except Exception:
+                self.log.exception("before_revoke failed")
+        try:
+            await self.commit()
+        except Exception as exc:  # a commit during a rebalance may be refused; at-least-once covers it
+            self.log.warning("commit before revoke failed: %r", exc)
+        await super().on_partitions_revoked(revoked)
+
+    async def on_stop(self) -> None:
+        """Graceful stop: flush the partial batches, deliver their results, commit, then stop."""
+        if self.before_stop is not None:
+            try:
+                await self.before_stop()
+            except Exception:
+                self.log.exception("before_stop failed")
+        try:
+            await self.commit()
+        except Exception as exc:
+            self.log.warning("final commit failed: %r", exc)
+        await super().on_stop()
 
     async def _getmany(self, active_partitions: Any, timeout: float) -> Any:
         if active_partitions:
@@ -149,10 +189,15 @@ class WorkerApp(faust.App):
     def _new_transport(self) -> Any:
         return PausableTransport(self.conf.broker_consumer, self)
 
+    before_revoke: Callable[[set], Awaitable[None]] | None = None
+    before_stop: Callable[[], Awaitable[None]] | None = None
+
     def _new_consumer(self) -> Any:
         consumer = super()._new_consumer()
         consumer.is_paused = lambda tp: self.fetch_paused(tp)
         consumer.commits_in_transactions = self.commits_in_transactions
+        consumer.before_revoke = self.before_revoke
+        consumer.before_stop = self.before_stop
         return consumer
 
 
@@ -283,11 +328,27 @@ def build_worker_app(
             msg = event.message
             await pipeline.on_record(msg.topic, msg.partition, msg.offset, msg.key, msg.value, event)
 
+    async def before_revoke(revoked: set) -> None:
+        tps = [(tp.topic, tp.partition) for tp in revoked]
+        await pipeline.release_partitions(tps, timeout_s=settings.rebalance_timeout_s / 3)
+        if settler is not None and not await settler.flush(timeout_s=settings.rebalance_timeout_s / 3):
+            log.warning("transactions still in progress while partitions are revoked")
+
+    async def before_stop() -> None:
+        await pipeline.stop(timeout_s=settings.stop_timeout_s)
+        if settler is not None:
+            await settler.flush(timeout_s=10.0)
+
+    app.before_revoke = before_revoke
+    app.before_stop = before_stop
+
     @app.on_partitions_revoked.connect
     async def on_revoked(app_: faust.App, revoked: set, **kwargs: Any) -> None:
-        if settler is not None and not await settler.flush(timeout_s=settings.rebalance_timeout_s / 2):
-            log.warning("transactions still in progress while partitions are revoked")
         pipeline.revoke([(tp.topic, tp.partition) for tp in revoked])
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(app_: faust.App, assigned: set, **kwargs: Any) -> None:
+        pipeline.assigned([(tp.topic, tp.partition) for tp in assigned])
 
     app.service(PipelineService(pipeline, topics, control, closing=[lag.close], settler=settler))
     app.control = control  # type: ignore[attr-defined]

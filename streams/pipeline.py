@@ -166,6 +166,7 @@ class TaskPipeline:
         self.max_result_bytes = max_result_bytes
         self._transact = transact
         self._held: dict[tuple[Hashable, int], list[Record]] = {}
+        self._released: set[Hashable] = set()
         self.limiter = InFlightLimiter(max_in_flight)
         self.tracker: OffsetTracker[Any] = OffsetTracker()
         self.counters = PipelineCounters()
@@ -242,6 +243,38 @@ class TaskPipeline:
             out[name] = fig
         return out
 
+    async def release_partitions(self, partitions: list[Hashable], timeout_s: float) -> int:
+        """Get ready to hand ``partitions`` to another worker (before a rebalance revokes them).
+
+        Their tasks still queued for a batch are taken out (not served, not acknowledged: the
+        new owner serves them from the last commit); records of theirs that arrive from now on
+        are dropped the same way; their tasks already in a model batch or being delivered are
+        awaited, up to ``timeout_s``, so that they are acknowledged and can be committed before
+        the partitions go. Returns how many tasks were handed back.
+        """
+        tps = set(partitions)
+        self._released |= tps
+        handed_back: dict[Hashable, int] = {}
+        for batcher in self.batchers.values():
+            for pending in batcher.remove_if(lambda p: p.partition in tps):
+                handed_back[pending.partition] = handed_back.get(pending.partition, 0) + 1
+        self.limiter.release(sum(handed_back.values()))
+        deadline = self.clock() + timeout_s
+        while any(self.tracker.unfinished(tp) > handed_back.get(tp, 0) for tp in tps):
+            if self.clock() >= deadline:
+                log.warning("rebalance: tasks of %s still in the model after %.1f s; they may be served twice",
+                            sorted(map(str, tps)), timeout_s)
+                break
+            await asyncio.sleep(0.01)
+        if handed_back:
+            log.info("rebalance: %d queued tasks of revoked partitions handed back uncommitted",
+                     sum(handed_back.values()))
+        return sum(handed_back.values())
+
+    def assigned(self, partitions: list[Hashable]) -> None:
+        """Partitions assigned (again) to this worker: their records are served."""
+        self._released -= set(partitions)
+
     def revoke(self, partitions: list[Hashable]) -> None:
         """Forget revoked partitions (their unfinished tasks may be served again by the new owner)."""
         for tp in partitions:
@@ -259,8 +292,13 @@ class TaskPipeline:
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, token: Any
     ) -> None:
         """Take one consumed task record. Waits while the in-flight cap is reached (backpressure)."""
-        await self.limiter.acquire()
         tp = (topic, partition)
+        if tp in self._released:  # its partition is being handed over: the new owner serves it
+            return
+        await self.limiter.acquire()
+        if tp in self._released:
+            self.limiter.release()
+            return
         try:
             self.tracker.received(tp, offset, (offset, token))
         except ValueError:  # already in flight here (redelivered without a revoke): serve it once

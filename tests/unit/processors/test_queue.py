@@ -211,3 +211,16 @@ def test_every_task_leaves_exactly_once_in_reference_order(aging: float, script:
     assert sorted(left) == sorted(pushed)          # exactly once: no loss, no duplicate
     assert len(left) == len(set(left))
     assert len(q) == 0
+
+
+def test_remove_if_takes_matching_tasks_out_of_every_order():
+    from autoglm.processors.queue import TaskQueue
+
+    q: TaskQueue[tuple[str, int]] = TaskQueue()
+    for i in range(6):
+        q.push(("p0" if i % 2 else "p1", i), now_s=float(i), priority=i % 3, deadline_s=100.0 + i)
+    removed = q.remove_if(lambda item: item[0] == "p0")
+    assert sorted(r.item[1] for r in removed) == [1, 3, 5]
+    assert len(q) == 3
+    assert sorted(x.item[1] for x in q.pop(10)) == [0, 2, 4]
+    assert q.expire(1000.0) == [] and q.oldest_enqueued_s() is None
