@@ -88,8 +88,9 @@ async def test_a_result_above_max_result_bytes_becomes_an_error_result_not_a_dro
 # -- exactly-once settling ----------------------------------------------------------------
 
 
-async def test_transactional_mode_commits_results_only_with_the_contiguous_offsets_they_complete():
-    """A later offset finishing first waits for the earlier one: results and offsets go out together."""
+def transactional_pipeline(n_received: int) -> tuple[TaskPipeline, FakeBroker, list]:
+    """A pipeline in exactly-once mode whose ``transact`` records each transaction, with offsets
+    ``0..n_received-1`` of one partition received (in-flight slots taken)."""
     from .test_pipeline import FakeRunner
 
     transactions: list[tuple[list, dict]] = []
@@ -103,11 +104,20 @@ async def test_transactional_mode_commits_results_only_with_the_contiguous_offse
         policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
         send=broker.send, ack=broker.ack, max_in_flight=100, transact=transact,
     )
+    for offset in range(n_received):
+        pipeline.limiter._count += 1  # as on_record's acquire() would
+        pipeline.tracker.received((TOPIC, 0), offset, (offset, f"tok{offset}"))
+    return pipeline, broker, transactions
+
+
+def rec(name: str) -> list:
+    return [(RESULTS, name.encode(), b"{}", [])]
+
+
+async def test_transactional_mode_commits_results_only_with_the_contiguous_offsets_they_complete():
+    """A later offset finishing first waits for the earlier one: results and offsets go out together."""
+    pipeline, broker, transactions = transactional_pipeline(3)
     tp = (TOPIC, 0)
-    for offset in range(3):
-        await pipeline.limiter.acquire()
-        pipeline.tracker.received(tp, offset, (offset, f"tok{offset}"))
-    rec = lambda name: [(RESULTS, name.encode(), b"{}", [])]  # noqa: E731
     await pipeline._settle([(tp, 2, rec("c"))])
     await pipeline._settle([(tp, 1, rec("b"))])
     assert transactions == [] and broker.acked == [], "nothing may commit before offset 0 is done"
@@ -119,26 +129,11 @@ async def test_transactional_mode_commits_results_only_with_the_contiguous_offse
 
 
 async def test_transactional_mode_drops_finished_results_of_a_revoked_partition():
-    from .test_pipeline import FakeRunner
-
-    transactions: list = []
-
-    async def transact(records, offsets):
-        transactions.append((records, offsets))
-
-    broker = FakeBroker()
-    pipeline = TaskPipeline(
-        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
-        policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
-        send=broker.send, ack=broker.ack, max_in_flight=100, transact=transact,
-    )
+    pipeline, broker, transactions = transactional_pipeline(2)
     tp = (TOPIC, 0)
-    for offset in range(2):
-        await pipeline.limiter.acquire()
-        pipeline.tracker.received(tp, offset, (offset, f"tok{offset}"))
-    await pipeline._settle([(tp, 1, [(RESULTS, b"b", b"{}", [])])])  # held behind offset 0
+    await pipeline._settle([(tp, 1, rec("b"))])  # held behind offset 0
     pipeline.revoke([tp])
-    await pipeline._settle([(tp, 0, [(RESULTS, b"a", b"{}", [])])])  # finishes after the revoke
+    await pipeline._settle([(tp, 0, rec("a"))])  # finishes after the revoke
     assert transactions == [] and broker.acked == []
     assert pipeline.limiter.in_flight == 0
 
