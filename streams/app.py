@@ -123,6 +123,13 @@ class PausableConsumer(faust_aiokafka.Consumer):
             return True
         return await super()._commit(offsets)
 
+    async def _commit_now(self) -> None:
+        """Commit every acknowledged offset now. faust's ``commit`` returns without committing when
+        another commit (the periodic one) is in progress: it only waits for that one, whose
+        snapshot of the acknowledgements may be older; so commit again after it."""
+        await self.commit()
+        await self.commit()
+
     async def on_partitions_revoked(self, revoked: Any) -> None:
         """Finish (or hand back) the revoked partitions' tasks and commit them, then let faust revoke.
 
@@ -139,7 +146,7 @@ class PausableConsumer(faust_aiokafka.Consumer):
             except Exception:
                 self.log.exception("before_revoke failed")
         try:
-            await self.commit()
+            await self._commit_now()
         except Exception as exc:  # a commit during a rebalance may be refused; at-least-once covers it
             self.log.warning("commit before revoke failed: %r", exc)
         await super().on_partitions_revoked(revoked)
@@ -152,7 +159,7 @@ class PausableConsumer(faust_aiokafka.Consumer):
             except Exception:
                 self.log.exception("before_stop failed")
         try:
-            await self.commit()
+            await self._commit_now()
         except Exception as exc:
             self.log.warning("final commit failed: %r", exc)
         await super().on_stop()

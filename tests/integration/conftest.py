@@ -137,3 +137,77 @@ def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
             return value
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class RestartableKafka:
+    """A dedicated single-node Apache Kafka that a test may stop and start again, data kept.
+
+    ``start`` runs ``kafka.sh start`` (a freshly formatted data dir) on free ports. ``stop`` runs
+    ``kafka.sh stop`` (SIGTERM, a clean broker shutdown). ``restart`` relaunches the very JVM
+    command line of the first start (read from ``/proc/<pid>/cmdline``) on the same ports and
+    data dir, since ``kafka.sh start`` would wipe the data: topics, records and committed offsets
+    survive, as in a real broker restart. The relaunched JVM is detached like ``kafka.sh`` does
+    (``nohup ... &`` in a shell that exits), and its pid goes to the pid file that ``kafka.sh
+    stop`` reads.
+    """
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.controller_port = free_port()
+        while self.controller_port == self.port:
+            self.controller_port = free_port()
+        self.cmdline: list[str] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data_dir / "kafka.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.data_dir / "kafka.log"
+
+    def start(self) -> None:
+        proc = subprocess.run(
+            ["bash", str(KAFKA_SH), "start", "--port", str(self.port), "--controller-port",
+             str(self.controller_port), "--data-dir", str(self.data_dir)],
+            capture_output=True, text=True, timeout=600,
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"could not start Apache Kafka with {KAFKA_SH}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        pid = int(self.pid_file.read_text().strip())
+        self.cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").decode().split("\0")
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(KAFKA_SH), "stop", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+                       capture_output=True, timeout=90)
+
+    def restart(self, timeout_s: float = 90.0) -> float:
+        """Start the stopped broker again from its data; returns the seconds until it answered."""
+        assert self.cmdline, "restart() needs a broker started with start()"
+        assert not port_open("127.0.0.1", self.port), "the broker is still running"
+        started = self.log_file.read_text(errors="replace").count("Kafka Server started")
+        t0 = time.monotonic()
+        out = subprocess.run(
+            ["bash", "-c", 'nohup "$@" </dev/null >>"$LOG" 2>&1 & echo $!', "restart", *self.cmdline],
+            env={**os.environ, "LOG": str(self.log_file)}, capture_output=True, text=True, timeout=30, check=True,
+        )
+        self.pid_file.write_text(out.stdout.strip() + "\n")
+        wait_for(lambda: self.log_file.read_text(errors="replace").count("Kafka Server started") > started
+                 and port_open("127.0.0.1", self.port), timeout_s, "the restarted broker", interval_s=0.25)
+        return time.monotonic() - t0
+
+
+@pytest.fixture
+def restartable_kafka(tmp_path):
+    """A dedicated Apache Kafka for this test only (see :class:`RestartableKafka`), stopped at the end."""
+    kafka = RestartableKafka(tmp_path / "kafka")
+    kafka.start()
+    try:
+        yield kafka
+    finally:
+        kafka.stop()

@@ -138,7 +138,8 @@ class ResultFollower:
 
     ``first``: task id -> first result; ``duplicates``: results for an id seen before;
     ``by_worker``: results per worker id, duplicates included; ``duplicate_pairs``: (worker of the
-    first result, worker of the duplicate) -> count;
+    first result, worker of the duplicate) -> count; ``timeline``: (record timestamp in ms, task id,
+    worker) of every result;
     ``served_below(ends)``: ids with a result at an offset below ``ends`` (partition -> offset).
     Use as ``async with ResultFollower(bootstrap, prefix) as results``.
     """
@@ -151,6 +152,7 @@ class ResultFollower:
         self.positions: list[tuple[int, int, str]] = []  # (partition, offset, task id) of every result
         self.by_worker: Counter[str] = Counter()  # results (duplicates included) per worker id
         self.duplicate_pairs: Counter[tuple[str, str]] = Counter()  # (first answer's worker, duplicate's worker)
+        self.timeline: list[tuple[int, str, str]] = []  # (record timestamp ms, task id, worker) of every result
         self._consumer: AIOKafkaConsumer | None = None
         self._tps: list[TopicPartition] = []
 
@@ -175,6 +177,7 @@ class ResultFollower:
                 result = decode_result(rec.value)
                 self.positions.append((rec.partition, rec.offset, result.id))
                 self.by_worker[result.worker] += 1
+                self.timeline.append((rec.timestamp, result.id, result.worker))
                 if result.id in self.first:
                     self.duplicates += 1
                     self.duplicate_pairs[(self.first[result.id].worker, result.worker)] += 1

@@ -1,0 +1,131 @@
+"""Memory bound (issue 5): under a backlog of about ten times what a worker serves in the test
+window, the worker's resident memory grows by no more than its in-flight cap allows.
+
+The worker's RSS is read from ``/proc/<pid>/status`` (VmRSS) every 0.5 s: after warm-up (a few
+hundred tasks served, before the backlog exists) and while it drains the first tenth of a
+30,000-task backlog. The same run with MAX_IN_FLIGHT=4096 shows the cap at work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from autoglm.streams.events import Task
+from autoglm.tasks import holdout_digits
+
+from .kafka_io import ResultFollower, create_topics, produce_tasks
+
+pytestmark = pytest.mark.integration
+
+BACKLOG = 30_000
+#: the test window: until this many backlog tasks have results (a tenth of the backlog)
+WINDOW_RESULTS = BACKLOG // 10
+WARM_UP = 300
+SAMPLE_EVERY_S = 0.5
+#: bytes one in-flight digits task may hold in a worker, as an upper estimate: the record as
+#: fetched (~0.6 KB of JSON with a base64 tensor), faust's message and event objects, the decoded
+#: Task with its (1, 64) float32 array, the queue entry and the offset-tracker entry, and its
+#: result while it is produced: a few KB measured (see the printed slope), 16 KiB allowed
+PER_TASK_BYTES = 16 * 1024
+SAFETY = 2
+#: what does not scale with the cap: the Kafka client's fetch buffers (up to
+#: MAX_MESSAGE_BYTES = 4 MiB per partition, 3 partitions), the producer's batches, allocator slack
+FIXED_BYTES = 64 * 1024 * 1024
+#: slow batches (4 tasks, no wait) make the window last several seconds of sampling
+SLOW = {"batching_mode": "fixed", "max_batch_size": "4", "max_wait_s": "0"}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, from ``/proc/<pid>/status`` (VmRSS, kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def bound_bytes(max_in_flight: int) -> int:
+    """The allowed RSS growth: max_in_flight * PER_TASK_BYTES * SAFETY + FIXED_BYTES."""
+    return max_in_flight * PER_TASK_BYTES * SAFETY + FIXED_BYTES
+
+
+async def measure(kafka_bootstrap: str, prefix: str, workers, max_in_flight: int) -> dict[str, float]:
+    """Run one worker with ``max_in_flight`` through warm-up and the backlog window.
+
+    Returns:
+        ``base_mib`` (RSS after warm-up), ``peak_mib`` (highest RSS in the window),
+        ``growth_mib``, ``samples``, ``window_s``, ``backlog_served``.
+    """
+    await create_topics(kafka_bootstrap, prefix)
+    x, _ = holdout_digits(WARM_UP + BACKLOG)
+    tasks = [Task(id=f"m{i}", model="digits", inputs=x[i : i + 1]) for i in range(WARM_UP + BACKLOG)]
+    topic = f"{prefix}.tasks.digits"
+    proc = workers.start(kafka_bootstrap, prefix, "digits", max_in_flight=str(max_in_flight), **SLOW)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await produce_tasks(kafka_bootstrap, topic, tasks[:WARM_UP])
+        await results.until(lambda: len(results.first) == WARM_UP, 180, alive, "the warm-up results")
+        await asyncio.sleep(1.0)
+        base = []
+        for _ in range(4):  # settled RSS before the backlog exists
+            base.append(rss_bytes(proc.pid))
+            await asyncio.sleep(SAMPLE_EVERY_S)
+        base_rss = max(base)
+
+        samples: list[int] = []
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                samples.append(rss_bytes(proc.pid))
+                await asyncio.sleep(SAMPLE_EVERY_S)
+
+        sampler = asyncio.ensure_future(sample())
+        t0 = time.monotonic()
+        try:
+            await produce_tasks(kafka_bootstrap, topic, tasks[WARM_UP:])
+            await results.until(lambda: len(results.first) >= WARM_UP + WINDOW_RESULTS, 300, alive,
+                                f"{WINDOW_RESULTS} backlog results")
+        finally:
+            stop.set()
+            await sampler
+        window_s = time.monotonic() - t0
+        served = len(results.first) - WARM_UP
+    workers.stop_all()
+    mib = 1024 * 1024
+    return {"base_mib": base_rss / mib, "peak_mib": max(samples) / mib, "growth_mib": (max(samples) - base_rss) / mib,
+            "samples": len(samples), "window_s": window_s, "backlog_served": served}
+
+
+@pytest.mark.timeout(600)
+async def test_rss_stays_under_the_in_flight_bound(kafka_bootstrap, workers, model_cache):
+    """Peak RSS minus the RSS after warm-up stays under ``bound_bytes(256)`` (72 MiB) while a worker
+    with MAX_IN_FLIGHT=256 drains the first tenth of a 30,000-task backlog; the served part of the
+    backlog is at most about a tenth (the backlog is ~10x what the window serves). The same run
+    with MAX_IN_FLIGHT=4096 grows more (the cap, not the backlog, sets the growth) and stays under
+    its own bound."""
+    import uuid
+
+    from autoglm.models import ModelRunner, default_registry
+
+    # train and cache the digits weights first: a worker that trains them itself starts from a
+    # larger, partly free heap that would hide part of its growth
+    runner = ModelRunner(default_registry().create("digits"), device="cpu")
+    runner.start_sync()
+    runner.close()
+    small = await measure(kafka_bootstrap, f"it-{uuid.uuid4().hex[:10]}", workers, 256)
+    large = await measure(kafka_bootstrap, f"it-{uuid.uuid4().hex[:10]}", workers, 4096)
+    slope = (large["growth_mib"] - small["growth_mib"]) * 1024 * 1024 / (4096 - 256)
+    for cap, m in ((256, small), (4096, large)):
+        print(f"\nmax_in_flight {cap}: RSS after warm-up {m['base_mib']:.1f} MiB, peak {m['peak_mib']:.1f} MiB, "
+              f"growth {m['growth_mib']:.1f} MiB (bound {bound_bytes(cap) / 2**20:.0f} MiB); "
+              f"{m['samples']} samples over {m['window_s']:.1f} s while serving {m['backlog_served']} of "
+              f"{BACKLOG} backlog tasks")
+    print(f"growth per extra in-flight task: {slope:.0f} bytes (PER_TASK_BYTES allows {PER_TASK_BYTES})")
+    assert small["backlog_served"] * 5 < BACKLOG, "the window served more than a fifth of the backlog"
+    assert small["growth_mib"] * 2**20 < bound_bytes(256)
+    assert large["growth_mib"] * 2**20 < bound_bytes(4096)
+    assert large["growth_mib"] > small["growth_mib"], "a 16x larger in-flight cap did not use more memory"
