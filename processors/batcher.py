@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
-from autoglm.processors.batching import BatchPolicy
+from autoglm.processors.batching import BatchDecision, BatchPolicy
 from autoglm.processors.queue import DEFAULT_AGING_PER_S, QueuedTask, TaskQueue
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ class MicroBatcher(Generic[T]):
         self._running: asyncio.Task | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self.flushing = False
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -91,6 +92,13 @@ class MicroBatcher(Generic[T]):
     def busy(self) -> bool:
         """True while a batch is in the handler."""
         return self._running is not None and not self._running.done()
+
+    def set_flushing(self, flushing: bool) -> None:
+        """While set, queued tasks go to the model at once (sized by the policy, never waiting):
+        a drain must not wait ``max_wait_s`` for batches that will never fill."""
+        self.flushing = flushing
+        if self._arrival is not None:
+            self._arrival.set()
 
     def remove_if(self, predicate: Callable[[T], bool]) -> list[T]:
         """Take queued tasks (not yet in a batch) that satisfy ``predicate`` out; they reach no batch."""
@@ -145,6 +153,8 @@ class MicroBatcher(Generic[T]):
                 decision = self.policy.decide(
                     now, len(self._queue), self._queue.oldest_enqueued_s(), False, next_deadline
                 )
+                if self.flushing:  # a drain: no task waits for a fuller batch
+                    decision = BatchDecision(min(len(self._queue), max(1, decision.size)), now)
                 if decision.flush_at_s is not None and decision.size > 0:
                     if decision.flush_at_s <= now:
                         self._start_batch(self._queue.pop(decision.size))

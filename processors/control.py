@@ -44,6 +44,14 @@ CONFIGURE_PARAMS: dict[str, tuple[type, ...]] = {
     "mode": (str,),
 }
 
+#: Accepted ranges (inclusive), the same as the worker settings of the same names (autoglm/config.py).
+CONFIGURE_RANGES: dict[str, tuple[float, float]] = {
+    "latency_target_s": (1e-6, 3600.0),
+    "max_batch_size": (1, 65_536),
+    "max_wait_s": (0.0, 60.0),
+}
+CONFIGURE_MODES = ("adaptive", "fixed")
+
 #: How many applied event ids a worker remembers for replay protection.
 SEEN_IDS_MAX = 100_000
 
@@ -86,7 +94,8 @@ def check_configure_params(params: Mapping[str, Any]) -> dict[str, Any]:
         The parameters as a plain dict.
 
     Raises:
-        ValueError: empty, an unknown name, a wrong type or a non-finite number.
+        ValueError: empty, an unknown name, a wrong type, a non-finite number, or a value out
+            of :data:`CONFIGURE_RANGES` (the ranges of the worker settings of the same names).
     """
     if not params:
         raise ValueError(f"configure needs at least one of {sorted(CONFIGURE_PARAMS)}")
@@ -99,6 +108,12 @@ def check_configure_params(params: Mapping[str, Any]) -> dict[str, Any]:
                              f"got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"configure parameter {name!r} must be finite, got {value!r}")
+        if name in CONFIGURE_RANGES:
+            low, high = CONFIGURE_RANGES[name]
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
+        if name == "mode" and value not in CONFIGURE_MODES:
+            raise ValueError(f"mode must be one of {CONFIGURE_MODES}, got {value!r}")
     return dict(params)
 
 

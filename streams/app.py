@@ -362,21 +362,29 @@ def build_worker_app(
     return app, pipeline
 
 
-async def _drain(app: faust.App, pipeline: TaskPipeline) -> dict[str, Any]:
+async def _drain(app: faust.App, pipeline: TaskPipeline, poll_s: float = 0.05) -> dict[str, Any]:
     """Wait until every fetched record is answered, acknowledged and committed.
 
     The fetch predicate already excludes every partition (the state is
-    ``draining``); records fetched just before are still delivered, so this
-    loops until a quiet check finds nothing unacknowledged, then commits.
+    ``draining``); partial batches go to the model at once (no ``max_wait_s``);
+    records fetched just before the pause are still delivered, so this polls
+    until nothing is in the pipeline and faust holds no unacknowledged record,
+    twice in a row, then commits. Cancellable (the caller bounds it with
+    ``drain_timeout_s``); the batchers return to normal batching either way.
     """
     consumer = app.consumer
-    while True:
-        await consumer.wait_empty()  # every record handed to the stream acked (it commits as it goes)
-        await pipeline.wait_idle()
-        await asyncio.sleep(0.2)  # one more fetch cycle: a fetch in progress at the pause may still deliver
-        if not pipeline.in_flight and not consumer._unacked_messages:
-            break
-    await consumer.commit()
+    for batcher in pipeline.batchers.values():
+        batcher.set_flushing(True)
+    try:
+        quiet = 0
+        while quiet < 2:
+            await asyncio.sleep(poll_s)
+            consumer._clean_unacked_messages()
+            quiet = quiet + 1 if not pipeline.in_flight and not consumer._unacked_messages else 0
+        await consumer._commit_now()
+    finally:
+        for batcher in pipeline.batchers.values():
+            batcher.set_flushing(False)
     return {"in_flight": pipeline.in_flight, "served": pipeline.counters.received}
 
 

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from autoglm.errors import BrokerError, EventError
+from autoglm.errors import BrokerError, EventError, TopicMissingError
 from autoglm.streams.events import Result, Task, decode_result, encode_task, now_ms
 from autoglm.streams.topics import TopicNames, partitions_of
 
@@ -122,17 +122,25 @@ class ResultReader:
         self.from_beginning = from_beginning
         self._security = {k: v for k, v in consumer_kwargs.items()
                           if k == "security_protocol" or k == "ssl_context" or k.startswith("sasl_")}
-        self._consumer = AIOKafkaConsumer(
+        self._consumer_kwargs = dict(
             bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
             auto_offset_reset="earliest" if from_beginning else "latest",
             max_partition_fetch_bytes=max_message_bytes, fetch_max_bytes=max(max_message_bytes, 52428800),
             client_id=f"autoglm-results-{uuid.uuid4().hex[:8]}", isolation_level=isolation_level,
             **consumer_kwargs,
         )
+        self._consumer: AIOKafkaConsumer | None = None
 
     async def __aenter__(self) -> "ResultReader":
         try:
-            parts = await partitions_of(self._bootstrap, self.topic, client_kwargs=self._security)
+            try:
+                parts = await partitions_of(self._bootstrap, self.topic, timeout_s=3.0, client_kwargs=self._security)
+            except TopicMissingError:
+                raise BrokerError(
+                    f"topic {self.topic!r} does not exist on {self._bootstrap}: is a worker running with this "
+                    "prefix? (workers create their topics at start)"
+                ) from None
+            self._consumer = AIOKafkaConsumer(**self._consumer_kwargs)  # after the check: nothing to leak
             await self._consumer.start()
             tps = [TopicPartition(self.topic, p) for p in parts]
             self._consumer.assign(tps)
@@ -147,7 +155,8 @@ class ResultReader:
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self._consumer.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
 
     async def batches(self, timeout_s: float = 0.5) -> list[Result]:
         """Results fetched within ``timeout_s`` (possibly none)."""

@@ -171,7 +171,7 @@ def test_configure_out_of_range_is_refused_before_it_reaches_the_control_topic(k
     wait_status(env, ready(1), "a ready worker")
     proc = autoglm(env, "ctl", "configure", "--max-batch-size", "0", "--wait")
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert proc.stderr.strip() == "error: max_batch_size must be >= 1, got 0"
+    assert proc.stderr.strip() == "error: max_batch_size must be between 1 and 65536, got 0"
     assert "sent" not in proc.stdout
     # the worker kept its own setting, and nothing was published
     live = wait_status(env, ready(1), "a ready worker")

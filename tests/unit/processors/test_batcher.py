@@ -329,3 +329,21 @@ def test_batching_property(max_batch_size: int, wait_ticks: int, arrivals: list[
         if len(items) == max_batch_size:
             expected = min(expected, enqueued[-1])
         assert flushed_at == expected
+
+
+async def test_flushing_sends_a_partial_batch_at_once_instead_of_waiting_for_max_wait():
+    """A drain sets flushing: three tasks of a fixed 64/1000 s batcher go to the model now."""
+    batcher, rec, vt = virtual_batcher(64, 1000.0)
+    batcher.start()
+    for i in range(3):
+        batcher.put(i)
+    await vt.advance(1.0)
+    assert rec.batches == [], "without flushing the batch waits for max_wait_s"
+    batcher.set_flushing(True)
+    await vt.advance(0.0)
+    assert rec.items == [[0, 1, 2]] and rec.times == [1.0]
+    batcher.set_flushing(False)
+    batcher.put(3)
+    await vt.advance(1.0)
+    assert rec.items == [[0, 1, 2]], "back to normal batching after the drain"
+    await batcher.stop(flush=False)

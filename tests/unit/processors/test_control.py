@@ -124,6 +124,10 @@ def test_configure_returns_the_params_per_served_model_and_rejects_bad_ones():
     ({"max_batch_size": True}, "must be int"),
     ({"latency_target_s": float("nan")}, "finite"),
     ({"mode": 3}, "must be str"),
+    ({"mode": "bogus"}, "mode must be one of"),
+    ({"max_wait_s": 1e9}, "max_wait_s must be between 0 and 60"),
+    ({"latency_target_s": 1e12}, "between"),
+    ({"max_batch_size": 100_000_000}, "max_batch_size must be between 1 and 65536"),
 ])
 def test_check_configure_params_errors(params, message):
     with pytest.raises(ValueError, match=message):
