@@ -113,4 +113,4 @@ def run_worker(settings: Settings) -> int:
             return run_app(app, log_level=live.log_level)
         finally:
             for runner in runners.values():
-                runner.close(wait=False)
+                runner.close(wait=True)  # join the model thread: a torch thread alive at exit aborts the process

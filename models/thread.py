@@ -12,6 +12,9 @@ from typing import Any, Callable, TypeVar
 
 _T = TypeVar("_T")
 
+#: The longest a shutdown with ``wait`` waits for the current call (seconds).
+JOIN_TIMEOUT_S = 30.0
+
 
 class ModelThread:
     """One daemon thread that runs submitted calls in order; returns ``concurrent.futures.Future``.
@@ -46,7 +49,8 @@ class ModelThread:
         return future
 
     def shutdown(self, *, wait: bool) -> None:
-        """Cancel queued calls, let the thread end after its current call; ``wait``: join it."""
+        """Cancel queued calls, let the thread end after its current call; ``wait``: join it
+        (at most ``JOIN_TIMEOUT_S``)."""
         with self._lock:
             if not self._shutdown:
                 self._shutdown = True
@@ -59,7 +63,7 @@ class ModelThread:
                         job[0].cancel()
                 self._jobs.put(None)
         if wait and threading.current_thread() is not self._thread:
-            self._thread.join()
+            self._thread.join(timeout=JOIN_TIMEOUT_S)  # a hung forward must not hang the shutdown
 
     def _work(self) -> None:
         while True:
