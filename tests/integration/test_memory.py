@@ -6,7 +6,7 @@ hundred tasks served, before the backlog exists) and while it drains the first t
 30,000-task backlog. The worker's heartbeats (every 0.5 s here) report its tasks in flight: with
 MAX_IN_FLIGHT=256 they reach the cap and never pass it. The same run with MAX_IN_FLIGHT=4096 lets
 more tasks in; its RSS peak is printed beside the first, not compared in an assertion: the worker
-takes records in at a limited rate (about 1,800 in flight at most within the window, measured),
+takes records in at a limited rate (1,800 to 4,096 in flight at most within the window, measured),
 so the difference in RSS, a few MiB, is within the run-to-run noise of the peaks (12.6 to 28 MiB
 of growth measured at 4096 against 14-17 MiB at 256).
 """
