@@ -44,7 +44,14 @@ from aiokafka.errors import KafkaError
 from autoglm.errors import BrokerError, ControlSignatureError, EventDecodeError, EventError, TopicMissingError
 from autoglm.processors.control import ControlState, Decision, check_configure_params, control_key
 from autoglm.streams.codec import dumps, loads
-from autoglm.streams.events import CONTROL_COMMANDS, ControlEvent, decode_control, encode_control, now_ms
+from autoglm.streams.events import (
+    CONTROL_COMMANDS,
+    ControlEvent,
+    decode_control,
+    encode_control,
+    now_ms,
+    readable_field,
+)
 from autoglm.streams.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -251,7 +258,7 @@ class ControlPlane:
             return None
         except EventError as exc:
             log.warning("control plane: malformed control event: %s", exc)
-            event_id = _readable_id(raw)
+            event_id = readable_field(raw, "id")
             if event_id and not replay:
                 self._spawn(self._ack_raw(event_id, "?", "rejected", f"{exc.code}: {exc}"))
             return None
@@ -349,15 +356,6 @@ class ControlPlane:
         task = asyncio.ensure_future(guarded())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
-
-def _readable_id(raw: bytes | None) -> str | None:
-    try:
-        doc = loads(raw) if raw is not None else None
-    except EventError:
-        return None
-    value = doc.get("id") if isinstance(doc, dict) else None
-    return value if isinstance(value, str) and 0 < len(value) <= 200 else None
 
 
 # -- the operator side ----------------------------------------------------------------

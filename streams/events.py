@@ -381,3 +381,15 @@ def _text(value: Any) -> str:
 def _shown(value: Any) -> Any:
     """``value`` as an error may show it: bounded in depth and length (see ``codec.preview``)."""
     return "missing" if value is _MISSING else preview(value)
+
+
+def readable_field(raw: bytes | bytearray | memoryview | str | None, name: str) -> str | None:
+    """A top-level string field of a record that may be invalid (see ``_readable``), or None.
+
+    For error paths: the id of a record that failed validation, to address a rejection to it.
+    """
+    try:
+        doc = loads(raw) if raw is not None else None
+    except EventDecodeError:
+        return None
+    return _readable(doc.get(name)) if isinstance(doc, dict) else None

@@ -43,7 +43,16 @@ from autoglm.processors.delivery import InFlightLimiter, OffsetTracker
 from autoglm.processors.metrics import BatchMetrics, WindowStats
 from autoglm.processors.queue import QueuedTask
 from autoglm.streams.codec import loads
-from autoglm.streams.events import TOPIC_NAME_RE, ErrorInfo, Result, Task, decode_task, encode_result, now_ms
+from autoglm.streams.events import (
+    TOPIC_NAME_RE,
+    ErrorInfo,
+    Result,
+    Task,
+    decode_task,
+    encode_result,
+    now_ms,
+    readable_field,
+)
 from autoglm.streams.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -311,8 +320,8 @@ class TaskPipeline:
             if self.max_task_bytes is not None and value is not None and len(value) > self.max_task_bytes:
                 raise TaskTooLargeError(
                     f"task record is {len(value)} bytes, above max_task_bytes={self.max_task_bytes} "
-                    "(AUTOGLM_MAX_TASK_BYTES)", task_id=_readable_field(value, "id"),
-                    model=_readable_field(value, "model"),
+                    "(AUTOGLM_MAX_TASK_BYTES)", task_id=readable_field(value, "id"),
+                    model=readable_field(value, "model"),
                 )
             task = decode_task(value)
             model = self.names.model_of(topic)
@@ -590,15 +599,6 @@ class _Failed:
     @property
     def error(self) -> ErrorInfo:
         return self.info
-
-
-def _readable_field(value: bytes, name: str) -> str | None:
-    """A top-level string field of an oversized record, when it parses (bounded by the broker's limit)."""
-    try:
-        found = loads(value).get(name)
-    except (EventError, AttributeError):
-        return None
-    return found if isinstance(found, str) and 0 < len(found) <= 200 else None
 
 
 def _reply_to(value: bytes | None, exc: EventError) -> str | None:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoglm.processors.control import ControlState, check_configure_params, control_key
+from autoglm.streams.events import ControlEvent
 
 
-@dataclass
-class Ev:
-    id: str
-    command: str
-    target: dict[str, str] = field(default_factory=dict)
-    params: dict[str, Any] = field(default_factory=dict)
-    issued_ms: int = 0
+# the wire event type itself: the state machine reads its fields (ControlEventLike)
+Ev = ControlEvent
 
 
 def ready_state(models=("digits", "minilm"), worker="w1") -> ControlState:
