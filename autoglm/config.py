@@ -16,8 +16,12 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from autoglm.errors import ConfigError
+from autoglm.processors.adaptive import ADAPTIVE_MAX_BATCH_SIZE, ADAPTIVE_MAX_WAIT_S
 
 ENV_PREFIX = "AUTOGLM_"
+#: Batch bounds of the fixed mode when none are given: the "typical default" (32 tasks / 10 ms).
+FIXED_MAX_BATCH_SIZE = 32
+FIXED_MAX_WAIT_S = 0.010
 #: Never echoed in error messages.
 SECRET_FIELDS = ("control_key", "sasl_password")
 
@@ -33,11 +37,14 @@ class Settings(BaseSettings):
 
     - ``batching_mode="adaptive"`` with ``latency_target_s=0.100``: batch sizes
       from EWMA latency feedback against a 100 ms p99 target (a common online
-      SLO); ``max_batch_size=64`` bounds it.
-    - ``max_wait_s=0.010``: the wait of ``fixed`` mode, the "typical default"
-      of fixed micro-batching (Triton's dynamic batcher examples, faust
-      ``take(32, within=0.01)``-style code). The adaptive mode never waits with
-      an idle model.
+      SLO).
+    - ``max_batch_size`` and ``max_wait_s`` default by mode. Adaptive: 256 tasks
+      and 0.050 s, generous bounds, because the adaptive mode fills a batch only
+      while it is over its target (a backlog) and never waits with an idle
+      model; a larger batch then drains the backlog faster (figure A,
+      benchmarks/README.md). Fixed: 32 tasks and 0.010 s, the "typical
+      default" of fixed micro-batching (Triton's dynamic batcher examples,
+      faust ``take(32, within=0.01)``-style code).
     - ``aging_per_s=1.0``: a waiting task gains one priority level per second.
     - ``max_in_flight=1024`` tasks: the memory bound; at ~4 KiB per digits task
       that is ~4 MiB of queued inputs.
@@ -91,8 +98,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1)
     batching_mode: str = Field(default="adaptive", pattern=r"^(adaptive|fixed)$")
     latency_target_s: float = Field(default=0.100, gt=0.0, le=3600.0)
-    max_batch_size: int = Field(default=64, ge=1, le=65_536)
-    max_wait_s: float = Field(default=0.010, ge=0.0, le=60.0)
+    #: defaults by mode (adaptive 256 / 0.050 s, fixed 32 / 0.010 s), see _bounds_by_mode
+    max_batch_size: int = Field(default=ADAPTIVE_MAX_BATCH_SIZE, ge=1, le=65_536)
+    max_wait_s: float = Field(default=ADAPTIVE_MAX_WAIT_S, ge=0.0, le=60.0)
     aging_per_s: float = Field(default=1.0, ge=0.0)
     metrics_port: int | None = Field(default=None, ge=0, le=65_535)
     max_in_flight: int = Field(default=1024, ge=1)
@@ -148,6 +156,18 @@ class Settings(BaseSettings):
                 out[model.strip()] = fallback.strip()
             return out
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounds_by_mode(cls, data: Any) -> Any:
+        """Batch bounds not given default by the batching mode (see the class docstring)."""
+        if isinstance(data, dict) and str(data.get("batching_mode") or "adaptive") == "fixed":
+            data = dict(data)
+            if data.get("max_batch_size") is None:
+                data["max_batch_size"] = FIXED_MAX_BATCH_SIZE
+            if data.get("max_wait_s") is None:
+                data["max_wait_s"] = FIXED_MAX_WAIT_S
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

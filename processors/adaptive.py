@@ -81,13 +81,27 @@ FEEDBACK_GAIN = 0.5
 #: Largest relative change of the correction per batch.
 FEEDBACK_MAX_STEP = 0.2
 CORRECTION_MIN = 0.25
+#: EWMA smoothing of the cycle time per task of each size bucket (effective span ~ 19 batches of
+#: that bucket): slower than the cost model, since how efficient a size is changes little, and
+#: the overload climb must not follow noise (a flat cost with 30 % noise: ~11 size changes in
+#: 300 batches at 0.1, ~25 at 0.2).
+EFFICIENCY_ALPHA = 0.1
 #: Under overload, one batch in this many probes a neighbouring size bucket.
 PROBE_EVERY = 4
 #: A size bucket needs this many cycle-time samples before it can replace the current best:
 #: one sample is too noisy on a shared machine (a single lucky probe made the size oscillate).
 MIN_SAMPLES = 3
 #: The best bucket changes only to one at least this much cheaper per task (hysteresis).
-SWITCH_MARGIN = 0.10
+SWITCH_MARGIN = 0.05
+#: The overload hill climb starts at the power of two nearest to the size whose fixed cost ``a``
+#: is this share of the batch's service time (``n = a/b * (1 - share)/share``, 9 a/b for 10 %).
+START_FIXED_SHARE = 0.10
+#: ... and at this size while the cost model has seen one batch size only (a/b unknown).
+START_SIZE = 32
+#: Bounds of the adaptive mode when none are given: generous, because the adaptive mode only
+#: fills a batch (up to ``max_wait_s``) while it is over its target, never at low load.
+ADAPTIVE_MAX_BATCH_SIZE = 256
+ADAPTIVE_MAX_WAIT_S = 0.050
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +134,8 @@ class ServiceTimeModel:
         self._a, self._b = prior_a_s, prior_b_s
         self._var = 0.0
         self.observations = 0
+        #: whether the per-task cost was ever fitted (batch sizes varied); before that it is the prior
+        self.identified = False
 
     @property
     def estimate(self) -> ServiceEstimate:
@@ -143,6 +159,7 @@ class ServiceTimeModel:
         if var_n > 0.25:  # sizes vary enough to separate the fixed and per-task cost
             b = (self._snt / self._w - mean_n * mean_t) / var_n
             self._b = max(b, 1e-7)
+            self.identified = True
         # otherwise keep the per-task cost, re-fit the fixed cost to the mean
         self._a = max(mean_t - self._b * mean_n, 0.0)
 
@@ -167,38 +184,46 @@ class SizeEfficiency:
     def bucket(n: int) -> int:
         return max(1, n).bit_length() - 1
 
-    def observe(self, n: int, t_s: float) -> None:
+    def observe(self, n: int, t_s: float, target_size: int | None = None) -> None:
+        """A batch of ``n`` tasks cost ``t_s`` seconds; it counts for the bucket of ``target_size``
+        (default ``n``)."""
         if n <= 0 or not math.isfinite(t_s) or t_s < 0:
             return
         self.observations += 1
-        k, v = self.bucket(n), t_s / n
+        k, v = self.bucket(target_size or n), t_s / n
         self.samples[k] = self.samples.get(k, 0) + 1
         old = self.per_task_s.get(k)
         self.per_task_s[k] = v if old is None else (1 - self.alpha) * old + self.alpha * v
 
-    def best_size(self, max_batch_size: int, probe_round: int | None = None) -> int:
-        """The size of the most efficient bucket seen (``max_batch_size`` until that one is
-        seen); with ``probe_round`` set, a neighbour instead: an unexplored one first (the
-        smaller first), else half or double by the round's parity."""
+    def best_size(self, max_batch_size: int, probe_round: int | None = None, start_size: int = 32) -> int:
+        """The size of the most efficient bucket seen; with ``probe_round`` set, a neighbour
+        instead: an unexplored one first (the larger first), else half or double by the round's
+        parity.
+
+        The climb starts at ``start_size`` (clamped to ``max_batch_size``); it changes to another
+        bucket once that one has ``MIN_SAMPLES`` samples and is ``SWITCH_MARGIN`` cheaper per task.
+        """
         top = self.bucket(max_batch_size)
 
         def size_of(k: int) -> int:
             return max_batch_size if k == top else 2**k
 
-        if top not in self.per_task_s:  # start from the largest size, then climb down if smaller ones do better
-            return max_batch_size
+        if self.current is None:
+            self.current = self.bucket(min(max(1, start_size), max_batch_size))
+        home = min(self.current, top)
         trusted = {k: v for k, v in self.per_task_s.items()
-                   if k <= top and (k == top or self.samples.get(k, 0) >= MIN_SAMPLES)}
-        best = min(trusted, key=lambda k: (trusted[k], -k))
-        current = self.current if self.current in trusted else None
-        if current is not None and trusted[best] > (1 - SWITCH_MARGIN) * trusted[current]:
-            best = current  # not clearly better: stay
+                   if k <= top and (k == home or self.samples.get(k, 0) >= MIN_SAMPLES)}
+        best = home
+        if trusted:
+            cheapest = min(trusted, key=lambda k: (trusted[k], -k))
+            if home not in trusted or trusted[cheapest] <= (1 - SWITCH_MARGIN) * trusted[home]:
+                best = cheapest  # clearly better (hysteresis against noise)
         self.current = best
         if probe_round is None:
             return size_of(best)
-        neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= top]
+        neighbours = [k for k in (best + 1, best - 1) if 0 <= k <= top]
         unexplored = [k for k in neighbours if self.samples.get(k, 0) < MIN_SAMPLES]
-        if unexplored:  # an unexplored neighbour first (the smaller one first)
+        if unexplored:  # an unexplored neighbour first (the larger one first)
             return size_of(unexplored[0])
         return size_of(neighbours[probe_round % len(neighbours)])
 
@@ -223,14 +248,14 @@ class AdaptiveBatchPolicy:
     def __init__(
         self,
         latency_target_s: float = 0.100,
-        max_batch_size: int = 64,
-        max_wait_s: float = 0.010,
+        max_batch_size: int = ADAPTIVE_MAX_BATCH_SIZE,
+        max_wait_s: float = ADAPTIVE_MAX_WAIT_S,
         *,
         mode: str = "adaptive",
         alpha: float = DEFAULT_ALPHA,
     ):
         self.service = ServiceTimeModel(alpha)
-        self.efficiency = SizeEfficiency(alpha)
+        self.efficiency = SizeEfficiency(EFFICIENCY_ALPHA)
         self.alpha = alpha
         self.correction = 1.0
         self.over_target = False
@@ -279,7 +304,7 @@ class AdaptiveBatchPolicy:
         if budget < est.predict_s(1):  # overloaded: the most efficient size, to drain the backlog
             seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
             probe = seen // PROBE_EVERY if seen % PROBE_EVERY == PROBE_EVERY - 1 else None
-            size = self.efficiency.best_size(self.max_batch_size, probe)
+            size = self.efficiency.best_size(self.max_batch_size, probe, self.start_size(est))
         else:
             size = self._fit(budget, est)
         if next_deadline_s is not None:
@@ -288,6 +313,19 @@ class AdaptiveBatchPolicy:
                 size = min(size, self._fit(deadline_budget, est))
         self.last_target_size = size
         return size
+
+    def start_size(self, est: ServiceEstimate | None = None) -> int:
+        """Where the overload climb starts: the power of two nearest to the batch size whose fixed
+        cost is ``START_FIXED_SHARE`` of its service time (from the fitted ``a + b*n``), in
+        [1, max_batch_size]. A model with a large per-batch cost starts large, one whose cost grows
+        with every task starts small (a 256-text batch of a CPU text model takes seconds)."""
+        if not self.service.identified:  # only one batch size seen so far: a/b is the prior's
+            return min(START_SIZE, self.max_batch_size)
+        est = est or self.service.estimate
+        if est.b_s <= 0:
+            return self.max_batch_size
+        n = est.a_s / est.b_s * (1 - START_FIXED_SHARE) / START_FIXED_SHARE
+        return max(1, min(2 ** round(math.log2(max(n, 1.0))), self.max_batch_size))
 
     def _fit(self, budget_s: float, est: ServiceEstimate) -> int:
         """Largest n in [1, max_batch_size] with a + b*n <= budget_s."""
@@ -307,13 +345,17 @@ class AdaptiveBatchPolicy:
         if self.over_target:
             # a backlog upstream (the last batch missed the target): fill the efficient size for
             # up to max_wait_s, since a batch of the few tasks decoded so far wastes throughput
-            return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s)
+            return BatchDecision(queued, oldest_enqueued_s + self.max_wait_s, full_at=size)
         return BatchDecision(queued, now_s)
 
-    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
+    def observe_cycle(self, batch_size: int, cycle_s: float, target_size: int | None = None) -> None:
         """A batch of ``batch_size`` tasks was followed at once by the next one (a backlog):
-        ``cycle_s`` seconds from its start to the next start measure the pipeline's cost per task."""
-        self.efficiency.observe(batch_size, cycle_s)
+        ``cycle_s`` seconds from its start to the next start measure the pipeline's cost per task.
+
+        ``target_size`` is the size the policy asked for (the batch may be smaller when the stream
+        did not fill it within ``max_wait_s``); the cost per task counts for the size asked, since
+        asking is what the climb can choose."""
+        self.efficiency.observe(batch_size, cycle_s, target_size)
 
     def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
         """Update the cost model with the batch's service time and the feedback with its latencies."""

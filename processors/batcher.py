@@ -84,6 +84,10 @@ class MicroBatcher(Generic[T]):
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.flushing = False
+        #: queue length at which an arrival wakes the loop (None: only a deadline, the end of the
+        #: running batch or the flush time does). Waking on every arrival while a batch cannot start
+        #: cost the event loop about as much as decoding the task.
+        self._wake_len: int | None = 1
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -107,7 +111,9 @@ class MicroBatcher(Generic[T]):
     def put(self, item: T, *, priority: int = 0, deadline_s: float | None = None) -> None:
         """Queue one task now (``deadline_s`` on this batcher's clock, or None)."""
         self._queue.push(item, now_s=self.clock(), priority=priority, deadline_s=deadline_s)
-        if self._arrival is not None:
+        if self._arrival is not None and (
+            deadline_s is not None or (self._wake_len is not None and len(self._queue) >= self._wake_len)
+        ):
             self._arrival.set()
 
     def start(self) -> None:
@@ -149,6 +155,8 @@ class MicroBatcher(Generic[T]):
             self._expire(now)
             next_deadline = self._queue.next_deadline_s()
             wake_at: float | None = next_deadline
+            # while a batch runs, arrivals change nothing until it ends (which wakes the loop)
+            self._wake_len = None if self.busy else 1
             if not self.busy and len(self._queue):
                 decision = self.policy.decide(
                     now, len(self._queue), self._queue.oldest_enqueued_s(), False, next_deadline
@@ -160,6 +168,8 @@ class MicroBatcher(Generic[T]):
                         self._start_batch(self._queue.pop(decision.size))
                         continue
                     wake_at = decision.flush_at_s if wake_at is None else min(wake_at, decision.flush_at_s)
+                    # an arrival matters only once it fills the batch (the policy says when; unknown: every one)
+                    self._wake_len = decision.full_at or 1
             await self._wait(None if wake_at is None else max(0.0, wake_at - now))
 
     def _expire(self, now: float) -> None:

@@ -23,10 +23,14 @@ class BatchDecision:
         size: how many queued tasks to take when flushing (0 when the queue is empty).
         flush_at_s: monotonic time at or after which to flush ``size`` tasks;
             ``None`` when there is nothing to flush. A value <= now means flush now.
+        full_at: for a flush in the future, the queue length at which the policy would flush at
+            once (the batch is full); the batcher then ignores arrivals until the queue reaches it.
+            ``None``: unknown, every arrival asks the policy again.
     """
 
     size: int
     flush_at_s: float | None
+    full_at: int | None = None
 
 
 class BatchPolicy(Protocol):
@@ -53,9 +57,9 @@ class BatchPolicy(Protocol):
         """Learn from a finished batch: its size, forward duration and per-task latencies (seconds)."""
         ...
 
-    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
+    def observe_cycle(self, batch_size: int, cycle_s: float, target_size: int | None = None) -> None:
         """Learn the pipeline's cost per batch: seconds from a batch's start to the next one's, when
-        a backlog made them back to back."""
+        a backlog made them back to back; ``target_size`` is the size the policy had asked for."""
         ...
 
 
@@ -68,7 +72,7 @@ def fixed_decision(
         return BatchDecision(0, None)
     if queued >= max_batch_size:
         return BatchDecision(max_batch_size, now_s)
-    return BatchDecision(queued, oldest_enqueued_s + max_wait_s)
+    return BatchDecision(queued, oldest_enqueued_s + max_wait_s, full_at=max_batch_size)
 
 
 class FixedBatchPolicy:
@@ -114,5 +118,5 @@ class FixedBatchPolicy:
     def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
         return None
 
-    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
+    def observe_cycle(self, batch_size: int, cycle_s: float, target_size: int | None = None) -> None:
         return None

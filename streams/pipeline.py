@@ -187,7 +187,7 @@ class TaskPipeline:
         self.windows: dict[str, WindowStats] = {name: WindowStats() for name in self.runners}
         self._background: set[asyncio.Task] = set()
         # per model: (start_s, size) of the last batch, when a backlog waited behind it
-        self._saturated: dict[str, tuple[float, int] | None] = {}
+        self._saturated: dict[str, tuple[float, int, int] | None] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -404,9 +404,14 @@ class TaskPipeline:
         runner = self.runners[model]
         start_s = self.clock()
         previous = self._saturated.get(model)
-        if previous is not None:  # back to back with the previous batch: its cycle time is the cost
-            self.policies[model].observe_cycle(previous[1], start_s - previous[0])
-        self._saturated[model] = (start_s, len(batch)) if len(self.batchers[model]) > 0 else None
+        policy = self.policies[model]
+        # a backlog: tasks left in the queue here, or (a stream-bound pipeline, whose queue stays
+        # short) the last batch missed its target, so tasks are waiting upstream in Kafka
+        backlog = len(self.batchers[model]) > 0 or getattr(policy, "over_target", False)
+        if previous is not None and backlog:  # a backlog before and now: the cycle time is the cost
+            policy.observe_cycle(previous[1], start_s - previous[0], previous[2])
+        asked = getattr(policy, "last_target_size", len(batch))
+        self._saturated[model] = (start_s, len(batch), asked) if backlog else None
         try:
             outcomes = await runner.run_isolated([p.prepared for p in batch], timeout_s=self.inference_timeout_s)
         except ModelError as exc:  # the runner itself is unusable (closed): every task gets the error

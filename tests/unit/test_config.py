@@ -32,8 +32,9 @@ def test_defaults() -> None:
     assert s.group_id is None
     assert s.device == "auto"
     assert s.torch_threads is None
-    assert s.max_batch_size == 64
-    assert s.max_wait_s == 0.010
+    assert s.batching_mode == "adaptive"
+    assert s.max_batch_size == 256     # the adaptive mode's bounds
+    assert s.max_wait_s == 0.050
     assert s.max_in_flight == 1024
     assert s.max_message_bytes == 4 * 1024 * 1024
     assert s.commit_interval_s == 1.0
@@ -64,7 +65,7 @@ def test_numbers_from_env(clean_env: pytest.MonkeyPatch) -> None:
 
 def test_unknown_env_variables_are_ignored(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("AUTOGLM_NO_SUCH_SETTING", "x")
-    assert load_settings().max_batch_size == 64
+    assert load_settings().max_batch_size == 256
 
 
 def test_overrides_win_over_env(clean_env: pytest.MonkeyPatch) -> None:
@@ -142,7 +143,26 @@ def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(pydantic.ValidationError):
         s.max_batch_size = 1  # type: ignore[misc]
-    assert s.max_batch_size == 64
+    assert s.max_batch_size == 256
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, ("adaptive", 256, 0.05)),
+        ({"AUTOGLM_BATCHING_MODE": "fixed"}, ("fixed", 32, 0.01)),
+        ({"AUTOGLM_BATCHING_MODE": "fixed", "AUTOGLM_MAX_BATCH_SIZE": "8"}, ("fixed", 8, 0.01)),
+        ({"AUTOGLM_BATCHING_MODE": "fixed", "AUTOGLM_MAX_WAIT_S": "0.002"}, ("fixed", 32, 0.002)),
+        ({"AUTOGLM_MAX_BATCH_SIZE": "16", "AUTOGLM_MAX_WAIT_S": "0"}, ("adaptive", 16, 0.0)),
+    ],
+)
+def test_batch_bounds_default_by_mode(clean_env: pytest.MonkeyPatch, env: dict[str, str], expected: tuple) -> None:
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    s = load_settings()
+    assert (s.batching_mode, s.max_batch_size, s.max_wait_s) == expected
+    # a flag (override) picks the mode too
+    assert load_settings(batching_mode="fixed", max_batch_size=None).max_batch_size == int(env.get("AUTOGLM_MAX_BATCH_SIZE", 32))
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,59 @@ async def test_batch_flushes_the_moment_it_fills_during_a_wait() -> None:
     await batcher.stop()
 
 
+class CountingPolicy(FixedBatchPolicy):
+    """A fixed policy that counts how often the batcher asks it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.asked = 0
+
+    def decide(self, *args: Any, **kw: Any):
+        self.asked += 1
+        return super().decide(*args, **kw)
+
+
+async def test_arrivals_that_cannot_start_a_batch_do_not_wake_the_loop() -> None:
+    """While a partial batch waits for its flush time, or a batch is in the handler, arrivals
+    that do not fill the batch are not worth a decision (each one used to cost the event loop a
+    wake-up and a policy call); the arrival that fills it is, and a deadline always is."""
+    vt = VirtualTime()
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen: list[tuple[float, list[int]]] = []
+
+    async def handler(batch: list[Queued[int]]) -> None:
+        seen.append((vt.now, [q.item for q in batch]))
+        if len(seen) == 1:
+            await gate
+
+    policy = CountingPolicy(4, 1.0)
+    batcher = MicroBatcher(handler, policy, clock=vt.clock, sleep=vt.sleep)
+    batcher.start()
+    batcher.put(0)
+    await vt.advance(TICK)
+    asked = policy.asked                  # the first arrival was decided on: wait for 3 more
+    batcher.put(1)
+    batcher.put(2)
+    await vt.advance(TICK)
+    assert policy.asked == asked and seen == []
+    batcher.put(3)                        # fills the batch: decided on, flushed at once
+    await vt.advance(0)
+    assert seen == [(2 * TICK, [0, 1, 2, 3])] and batcher.busy
+    asked = policy.asked
+    for i in range(4, 10):                # the handler is busy: nothing to decide
+        batcher.put(i)
+    await vt.advance(TICK)
+    assert policy.asked == asked
+    batcher.put(10, deadline_s=vt.now + 0.5)   # a deadline: the loop must look (expiry timer)
+    await vt.advance(0)
+    assert policy.asked == asked          # looked, but busy: still no decision
+    assert vt.sleeping == 1               # ... and a timer for the deadline is set
+    gate.set_result(None)
+    await vt.advance(0)
+    assert seen[1] == (3 * TICK, [4, 5, 6, 7])   # the end of the batch wakes the loop
+    await batcher.stop()
+
+
 async def test_zero_wait_flushes_each_arrival_at_once() -> None:
     batcher, rec, vt = virtual_batcher(4, 0.0)
     batcher.start()

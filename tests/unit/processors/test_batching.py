@@ -23,9 +23,9 @@ def test_defaults() -> None:
         (3, None, BatchDecision(0, None)),
         (4, 99.0, BatchDecision(4, 100.0)),           # full: max size, now
         (9, 50.0, BatchDecision(4, 100.0)),           # over full: max size, now (not the deadline)
-        (1, 99.5, BatchDecision(1, 99.75)),           # partial: oldest + max_wait
-        (3, 99.875, BatchDecision(3, 100.125)),
-        (2, 90.0, BatchDecision(2, 90.25)),           # overdue partial: the past deadline means "now"
+        (1, 99.5, BatchDecision(1, 99.75, full_at=4)),           # partial: oldest + max_wait
+        (3, 99.875, BatchDecision(3, 100.125, full_at=4)),  # full once 4 are queued
+        (2, 90.0, BatchDecision(2, 90.25, full_at=4)),           # overdue partial: the past deadline means "now"
     ],
 )
 def test_decide(queued: int, oldest: float | None, expected: BatchDecision, busy: bool) -> None:
@@ -36,7 +36,7 @@ def test_decide(queued: int, oldest: float | None, expected: BatchDecision, busy
 def test_zero_wait_flushes_at_the_oldest_time() -> None:
     policy = FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)
     decision = policy.decide(10.0, 2, 9.5, False)
-    assert decision == BatchDecision(2, 9.5)
+    assert decision == BatchDecision(2, 9.5, full_at=8)
     assert decision.flush_at_s <= 10.0  # i.e. flush now
 
 
@@ -54,7 +54,7 @@ def test_configure_changes_decisions() -> None:
     assert policy.decide(5.0, 2, 4.0, False) == BatchDecision(2, 5.0)
     policy.configure(max_wait_s=1.5)
     assert (policy.max_batch_size, policy.max_wait_s) == (2, 1.5)
-    assert policy.decide(5.0, 1, 4.0, False) == BatchDecision(1, 5.5)
+    assert policy.decide(5.0, 1, 4.0, False) == BatchDecision(1, 5.5, full_at=2)
     policy.configure()  # nothing given: nothing changes
     assert (policy.max_batch_size, policy.max_wait_s) == (2, 1.5)
 

@@ -496,15 +496,16 @@ class CycleRecorder(FixedBatchPolicy):
 
     def __init__(self) -> None:
         super().__init__(max_batch_size=4, max_wait_s=0.0)
-        self.cycles: list[tuple[int, float]] = []
+        self.cycles: list[tuple[int, float, int | None]] = []
 
-    def observe_cycle(self, batch_size: int, cycle_s: float) -> None:
-        self.cycles.append((batch_size, cycle_s))
+    def observe_cycle(self, batch_size: int, cycle_s: float, target_size: int | None = None) -> None:
+        self.cycles.append((batch_size, cycle_s, target_size))
 
 
 async def test_back_to_back_batches_report_their_cycle_time() -> None:
-    """With a backlog behind a batch, the time from its start to the next batch's start is
-    reported for its size; a batch with nothing queued behind it reports nothing."""
+    """With a backlog behind a batch and behind the next one, the time from its start to the
+    next batch's start is reported for its size (and the size asked: a fixed policy has none,
+    the batch's own); a batch with nothing queued behind the next one reports nothing."""
     broker = FakeBroker()
     now = [100.0]
     policy = CycleRecorder()
@@ -522,8 +523,9 @@ async def test_back_to_back_batches_report_their_cycle_time() -> None:
         await pipeline.on_record(TOPIC, 0, offset, None, task_bytes(f"t{offset}", rows(offset)), offset)
     pipeline.start()
     await pipeline.stop()
-    # batches of 4, 4, 2: the first two had tasks waiting behind them, the last did not
-    assert policy.cycles == [(4, 0.5), (4, 0.5)]
+    # batches of 4, 4, 2: the first two started with tasks waiting behind them, the last did not,
+    # so only the first cycle (start of batch 1 -> start of batch 2) is a backlog's cost
+    assert policy.cycles == [(4, 0.5, 4)]
 
 
 async def test_reply_to_a_missing_topic_is_rejected_not_waited_on() -> None:
