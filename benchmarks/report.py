@@ -12,18 +12,22 @@ README = Path(__file__).resolve().parent / "README.md"
 PHASE_ORDER = ("quiet", "medium", "burst")
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def table(report: dict[str, Any]) -> str:
     """A markdown table per model: every setting's overall figures and per-level mean latency."""
     lines = []
     for model, m in report["models"].items():
         lines.append(f"**{model}** (latency target {m['latency_target_s'] * 1000:.0f} ms; offline limit "
                      f"L = {max(m['offline_limit_per_s'].values()):.0f}/s at its best batch; pipeline capacity "
-                     f"T = {m['capacity_per_s']:.0f}/s; {m['trace_tasks']} tasks; "
+                     f"T = {m['capacity_per_s']:.0f}/s with {m.get('capacity_setting', 'adaptive')}; {m['trace_tasks']} tasks; "
                      f"median of {m.get('rounds', 1)} interleaved round(s), mean's min-max in brackets)")
         lines.append("")
-        lines.append("| setting | mean ms | p50 ms | p99 ms | tasks/s | jitter | mean batch | "
+        lines.append("| setting | mean ms | p50 ms | p99 ms | tasks/s | drain tasks/s | jitter | mean batch | "
                      "quiet mean ms | medium mean ms | burst mean ms |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, r in m["runs"].items():
             phases = [r["phases"].get(p, {}).get("mean_ms") for p in PHASE_ORDER]
             cells = [f"{v:.1f}" if v is not None else "-" for v in phases]
@@ -31,7 +35,8 @@ def table(report: dict[str, Any]) -> str:
             mean = f"{r['mean_ms']:.1f}" + (f" ({sp[0]:.0f}-{sp[1]:.0f})" if sp and r.get("rounds", 1) > 1 else "")
             lines.append(
                 f"| {name} | {mean} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-                f"{r['throughput_per_s']:.0f} | {r['jitter']:.2f} | {r['mean_batch_size']:.1f} | "
+                f"{r['throughput_per_s']:.0f} | {_num(r.get('drain_per_s'))} | {r['jitter']:.2f} | "
+                f"{r['mean_batch_size']:.1f} | "
                 + " | ".join(cells) + " |"
             )
         v = m["verdict"]
@@ -39,12 +44,15 @@ def table(report: dict[str, Any]) -> str:
             d = v["vs_default"]
             jr = f"{d['jitter_ratio']:.2f}x" if d["jitter_ratio"] else "-"
             lines.append("")
+            drain = d.get("drain_throughput_change")
             lines.append(f"Adaptive vs fixed 32/10ms: mean latency {d['mean_latency_change']:+.0%}, "
-                         f"p99 {d['p99_change']:+.0%}, throughput {d['throughput_change']:+.0%}, "
-                         f"jitter {jr} lower.")
-        losses = [k for k, c in v["beats_every_fixed"].items() if not all(c.values())]
-        lines.append(f"Beats every single fixed setting on mean, p99 and throughput: "
-                     f"{'yes' if not losses else 'no, not ' + ', '.join(losses)}.")
+                         f"p99 {d['p99_change']:+.0%}, throughput {d['throughput_change']:+.0%} over the trace"
+                         + (f" and {drain:+.0%} while draining a backlog" if drain is not None else "")
+                         + f", jitter {jr} lower.")
+        losses = [f"{k} ({', '.join(c for c, ok in crit.items() if not ok)})"
+                  for k, crit in v["beats_every_fixed"].items() if not all(crit.values())]
+        lines.append(f"Beats every single fixed setting on mean, p99, throughput and drain throughput: "
+                     f"{'yes' if not losses else 'no, not ' + '; '.join(losses)}.")
         levels = ", ".join(
             f"{p}: {x['adaptive_mean_ms']:.1f} vs {x['best_mean_ms']:.1f} ms ({x['best_fixed']})"
             + ("" if x["within_10pct"] else " **over 10 %**")
