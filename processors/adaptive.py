@@ -86,8 +86,11 @@ CORRECTION_MIN = 0.25
 #: the overload climb must not follow noise (a flat cost with 30 % noise: ~11 size changes in
 #: 300 batches at 0.1, ~25 at 0.2).
 EFFICIENCY_ALPHA = 0.1
-#: Under overload, one batch in this many probes a neighbouring size bucket.
+#: Under overload, one batch in this many probes a neighbouring size bucket ...
 PROBE_EVERY = 4
+#: ... and one in this many while a neighbour of the current size has too few samples (a climb
+#: then takes ~6 batches per step instead of ~12: the first burst is where it counts).
+PROBE_EVERY_EXPLORING = 2
 #: A size bucket needs this many cycle-time samples before it can replace the current best:
 #: one sample is too noisy on a shared machine (a single lucky probe made the size oscillate).
 MIN_SAMPLES = 3
@@ -96,7 +99,7 @@ SWITCH_MARGIN = 0.05
 #: The overload hill climb starts at the power of two nearest to the size whose fixed cost ``a``
 #: is this share of the batch's service time (``n = a/b * (1 - share)/share``, 9 a/b for 10 %).
 START_FIXED_SHARE = 0.10
-#: ... and at this size while the cost model has seen one batch size only (a/b unknown).
+#: ... and never below this size (nor while the cost model has seen one batch size only).
 START_SIZE = 32
 #: Bounds of the adaptive mode when none are given: generous, because the adaptive mode only
 #: fills a batch (up to ``max_wait_s``) while it is over its target, never at low load.
@@ -194,6 +197,14 @@ class SizeEfficiency:
         self.samples[k] = self.samples.get(k, 0) + 1
         old = self.per_task_s.get(k)
         self.per_task_s[k] = v if old is None else (1 - self.alpha) * old + self.alpha * v
+
+    def exploring(self, max_batch_size: int) -> bool:
+        """Whether a neighbour of the current bucket (or the climb's start) lacks ``MIN_SAMPLES``."""
+        if self.current is None:
+            return True
+        top = self.bucket(max_batch_size)
+        home = min(self.current, top)
+        return any(self.samples.get(k, 0) < MIN_SAMPLES for k in (home - 1, home + 1) if 0 <= k <= top)
 
     def best_size(self, max_batch_size: int, probe_round: int | None = None, start_size: int = 32) -> int:
         """The size of the most efficient bucket seen; with ``probe_round`` set, a neighbour
@@ -303,7 +314,8 @@ class AdaptiveBatchPolicy:
         budget = self.correction * self.latency_target_s - (now_s - oldest_enqueued_s) - slack
         if budget < est.predict_s(1):  # overloaded: the most efficient size, to drain the backlog
             seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
-            probe = seen // PROBE_EVERY if seen % PROBE_EVERY == PROBE_EVERY - 1 else None
+            every = PROBE_EVERY_EXPLORING if self.efficiency.exploring(self.max_batch_size) else PROBE_EVERY
+            probe = seen // every if seen % every == every - 1 else None
             size = self.efficiency.best_size(self.max_batch_size, probe, self.start_size(est))
         else:
             size = self._fit(budget, est)
@@ -315,17 +327,19 @@ class AdaptiveBatchPolicy:
         return size
 
     def start_size(self, est: ServiceEstimate | None = None) -> int:
-        """Where the overload climb starts: the power of two nearest to the batch size whose fixed
-        cost is ``START_FIXED_SHARE`` of its service time (from the fitted ``a + b*n``), in
-        [1, max_batch_size]. A model with a large per-batch cost starts large, one whose cost grows
-        with every task starts small (a 256-text batch of a CPU text model takes seconds)."""
+        """Where the overload climb starts: ``START_SIZE``, or larger, the power of two nearest to
+        the batch size whose fixed cost is ``START_FIXED_SHARE`` of its service time (from the
+        fitted ``a + b*n``); at most ``max_batch_size``. A model with a large per-batch cost (a GPU)
+        starts large. Never below ``START_SIZE``: a/b fitted from the small batches of a quiet
+        period is mostly noise, and a climb up from a few tasks took seconds of a first burst
+        (the stream work around a model, which ``a`` does not see, favours larger batches too)."""
         if not self.service.identified:  # only one batch size seen so far: a/b is the prior's
             return min(START_SIZE, self.max_batch_size)
         est = est or self.service.estimate
         if est.b_s <= 0:
             return self.max_batch_size
         n = est.a_s / est.b_s * (1 - START_FIXED_SHARE) / START_FIXED_SHARE
-        return max(1, min(2 ** round(math.log2(max(n, 1.0))), self.max_batch_size))
+        return max(1, min(max(START_SIZE, 2 ** round(math.log2(max(n, 1.0)))), self.max_batch_size))
 
     def _fit(self, budget_s: float, est: ServiceEstimate) -> int:
         """Largest n in [1, max_batch_size] with a + b*n <= budget_s."""

@@ -779,9 +779,11 @@ def test_overload_with_a_convex_cost_climbs_down_to_the_most_efficient_size() ->
     ("a_s", "b_s", "max_size", "expected"),
     [
         (0.005, 0.001, 256, 32),     # 9 a/b = 45 -> 2**round(5.49) = 32
-        (0.0023, 0.00004, 256, 256),  # 9 a/b = 517 -> 512, capped at 256 (a stream-bound small model)
-        (0.005, 0.007, 256, 8),      # 9 a/b = 6.4 -> 8 (a CPU text model: cost grows with every text)
-        (0.0, 0.001, 256, 1),        # no fixed cost: batching gains nothing per task
+        (0.0006, 0.00004, 256, 128),  # 9 a/b = 135 -> 2**round(7.08) = 128
+        (0.0004, 0.00004, 256, 64),  # 9 a/b = 90 -> 2**round(6.49) = 64
+        (0.0023, 0.00004, 256, 256),  # 9 a/b = 517 -> 512, capped at 256 (a large per-batch cost)
+        (0.005, 0.007, 256, 32),     # 9 a/b = 6.4 -> 8, raised to START_SIZE
+        (0.0, 0.001, 256, 32),       # no fixed cost: START_SIZE
         (0.005, 0.001, 16, 16),      # capped by max_batch_size
     ],
 )
