@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ async def replay(bootstrap: str, prefix: str, inputs: Inputs, trace: list[tuple[
 
     topic = f"{prefix}.tasks.{inputs.model}"
     async with ResultReader(bootstrap, prefix=prefix, from_beginning=False) as reader:
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0, max_batch_size=512 * 1024)
         await producer.start()
         try:
             # warm-up: one task through the whole path (model load, group join)
@@ -176,27 +177,40 @@ async def replay(bootstrap: str, prefix: str, inputs: Inputs, trace: list[tuple[
                     raise RuntimeError(f"worker did not warm up (exit {proc.returncode})")
 
             async def collect() -> None:
+                # raw records, two fields read: decoding every result in full cost this process
+                # (which also generates the load) a share of the cores the worker needs
                 while len(run.latency_ms) < len(trace):
-                    for r in await reader.batches(0.05):
-                        if r.id in run.sent and r.id not in run.latency_ms:
+                    for rec in await reader.records(0.05):
+                        doc = orjson.loads(rec.value)
+                        rid = doc.get("id")
+                        if rid in run.sent and rid not in run.latency_ms:
                             now = time.time() * 1000.0
-                            run.received_at[r.id] = time.monotonic() - start
-                            run.latency_ms[r.id] = now - created[r.id]
-                            run.batch_size[r.id] = r.batch_size
+                            run.received_at[rid] = time.monotonic() - start
+                            run.latency_ms[rid] = now - created[rid]
+                            run.batch_size[rid] = int(doc.get("batch_size") or 0)
                             progress.update(1)
 
             created: dict[str, float] = {}
             start = time.monotonic()
             collector = asyncio.ensure_future(collect())
-            for i, (at, phase) in enumerate(trace):
-                delay = at - (time.monotonic() - start)
+            i = 0
+            while i < len(trace):  # open loop: every task due by now goes out in one record batch
+                delay = trace[i][0] - (time.monotonic() - start)
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tid = f"{run.setting.replace(' ', '_')}-{i}"
-                task = inputs.task(i, tid)
-                created[tid] = float(task.created_ms)
-                run.sent[tid], run.phase[tid] = time.monotonic() - start, phase
-                await producer.send(topic, encode_task(task), key=tid.encode())
+                batch = producer.create_batch()
+                now_s = time.monotonic() - start
+                while i < len(trace) and trace[i][0] <= now_s:
+                    tid = f"{run.setting.replace(' ', '_')}-{i}"
+                    task = inputs.task(i, tid)
+                    if batch.append(key=tid.encode(), value=encode_task(task), timestamp=None) is None:
+                        if batch.record_count() == 0:
+                            raise RuntimeError(f"task {tid} does not fit in a record batch")
+                        break  # the record batch is full: send it, the rest goes in the next one
+                    created[tid] = float(task.created_ms)
+                    run.sent[tid], run.phase[tid] = now_s, trace[i][1]
+                    i += 1
+                await producer.send_batch(batch, topic, partition=0)
             try:
                 await asyncio.wait_for(collector, drain_timeout_s)
             except asyncio.TimeoutError:

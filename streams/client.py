@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import AsyncIterator, Iterable
+from typing import Any, AsyncIterator, Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
@@ -157,6 +157,12 @@ class ResultReader:
     async def __aexit__(self, *exc) -> None:
         if self._consumer is not None:
             await self._consumer.stop()
+
+    async def records(self, timeout_s: float = 0.5) -> list[Any]:
+        """The raw records (aiokafka ``ConsumerRecord``, ``value`` in bytes) fetched within
+        ``timeout_s``, undecoded: for tools that read a few fields of many results (benchmarks)."""
+        fetched = await self._consumer.getmany(timeout_ms=int(timeout_s * 1000))
+        return [rec for recs in fetched.values() for rec in recs]
 
     async def batches(self, timeout_s: float = 0.5) -> list[Result]:
         """Results fetched within ``timeout_s`` (possibly none)."""
