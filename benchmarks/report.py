@@ -72,7 +72,9 @@ def plot(report: dict[str, Any], model: str, path: Path) -> None:
 
     m = report["models"][model]
     runs = m["runs"]
-    shown = [k for k in ("adaptive", "fixed 32/10ms", "fixed 1/0ms") if k in runs]
+    fixed = [k for k in runs if k != "adaptive"]
+    best = min(fixed, key=lambda k: runs[k]["mean_ms"] or np.inf) if fixed else None  # over the whole trace
+    shown = list(dict.fromkeys(k for k in ("adaptive", "fixed 32/10ms", best, "fixed 1/0ms") if k in runs))
     fig, axes = plt.subplots(3, 1, figsize=(10, 10))
     colors = {name: f"C{i}" for i, name in enumerate(runs)}  # one colour per setting in every panel
     for name in shown:

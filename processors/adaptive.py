@@ -24,16 +24,20 @@ Decision (when the model is idle; the batcher never forms a batch while it is bu
   keeps the oldest task inside its target;
 - when even one task cannot make it (``budget < t(1)``: overload), it takes the
   most efficient batch size seen, to drain the backlog at the highest
-  throughput: an EWMA of the *cycle time* per task (batch start to the next
-  batch start while a backlog keeps the model busy, so it includes the
-  stream work around the model: decoding, publishing results) is kept per
-  power-of-two size bucket (:meth:`AdaptiveBatchPolicy.observe_cycle`); the
-  best bucket with at least ``MIN_SAMPLES`` samples is used (it changes only to
-  one ``SWITCH_MARGIN`` cheaper per task), and every
-  ``PROBE_EVERY``-th overload batch probes a neighbour (one with too few
-  samples first, else half or double alternately), a hill climb. Real
-  costs are not linear: on a CPU, a text model's padding makes 64-text batches
-  slower per text than 8-text ones;
+  throughput: an EWMA (``EFFICIENCY_ALPHA = 0.1``) of the *cycle time* per task
+  (batch start to the next batch start while a backlog waits, here or upstream,
+  so it includes the stream work around the model: decoding, publishing
+  results) is kept per power-of-two bucket of the size *asked for*
+  (:meth:`AdaptiveBatchPolicy.observe_cycle`). A hill climb: it starts at
+  :meth:`AdaptiveBatchPolicy.start_size` (32, or larger when the fitted fixed
+  cost ``a`` is large against ``b``), moves to a bucket with at least
+  ``MIN_SAMPLES`` samples that is ``SWITCH_MARGIN`` (5 %) cheaper per task, and
+  probes a neighbour (half or double) every ``PROBE_EVERY``-th overload batch,
+  every 2nd while a neighbour is unexplored (the larger first). Real costs are
+  not linear either way: on a CPU a text model's padding makes 64-text batches
+  slower per text than 8-text ones, while a small model inside a Python stream
+  processor pays a per-batch cost of the event loop that makes 256 cheaper per
+  task than 32 (figure A, benchmarks/README.md);
 - it flushes **at once** with ``min(queued, target)`` tasks: with an idle model
   a lone task never waits (no fixed delay penalty at low load); under load the
   queue fills while the model runs, so batches grow with the arrival rate;
