@@ -38,6 +38,11 @@ Decision (when the model is idle; the batcher never forms a batch while it is bu
   slower per text than 8-text ones, while a small model inside a Python stream
   processor pays a per-batch cost of the event loop that makes 256 cheaper per
   task than 32 (figure A, benchmarks/README.md);
+- when more than twice the target size is queued (the load outruns batches
+  sized to the budget), the size is at least that overload size: a
+  budget-fitted batch shrinks as the oldest task ages, so it would lower the
+  throughput just as a backlog builds (a text model at 7 ms per text made
+  batches of 5-15 at the start of each burst);
 - it flushes **at once** with ``min(queued, target)`` tasks: with an idle model
   a lone task never waits (no fixed delay penalty at low load); under load the
   queue fills while the model runs, so batches grow with the arrival rate;
@@ -317,10 +322,7 @@ class AdaptiveBatchPolicy:
         slack = SIGMA_K * est.sigma_s
         budget = self.correction * self.latency_target_s - (now_s - oldest_enqueued_s) - slack
         if budget < est.predict_s(1):  # overloaded: the most efficient size, to drain the backlog
-            seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
-            every = PROBE_EVERY_EXPLORING if self.efficiency.exploring(self.max_batch_size) else PROBE_EVERY
-            probe = seen // every if seen % every == every - 1 else None
-            size = self.efficiency.best_size(self.max_batch_size, probe, self.start_size(est))
+            size = self._efficient_size(est)
         else:
             size = self._fit(budget, est)
         if next_deadline_s is not None:
@@ -329,6 +331,13 @@ class AdaptiveBatchPolicy:
                 size = min(size, self._fit(deadline_budget, est))
         self.last_target_size = size
         return size
+
+    def _efficient_size(self, est: ServiceEstimate) -> int:
+        """The overload climb's size for this batch (a probe on every ``PROBE_EVERY``-th)."""
+        seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
+        every = PROBE_EVERY_EXPLORING if self.efficiency.exploring(self.max_batch_size) else PROBE_EVERY
+        probe = seen // every if seen % every == every - 1 else None
+        return self.efficiency.best_size(self.max_batch_size, probe, self.start_size(est))
 
     def start_size(self, est: ServiceEstimate | None = None) -> int:
         """Where the overload climb starts: ``START_SIZE``, or larger, the power of two nearest to
@@ -358,6 +367,10 @@ class AdaptiveBatchPolicy:
         if self.mode == "fixed" or queued <= 0 or oldest_enqueued_s is None:
             return fixed_decision(now_s, queued, oldest_enqueued_s, self.max_batch_size, self.max_wait_s)
         size = self.target_size(now_s, oldest_enqueued_s, next_deadline_s)
+        if queued > 2 * size and next_deadline_s is None:  # falling behind: throughput first (module docstring)
+            efficient = self._efficient_size(self.service.estimate)
+            if efficient > size:
+                size = self.last_target_size = efficient
         if queued >= size:
             return BatchDecision(size, now_s)
         if self.over_target:

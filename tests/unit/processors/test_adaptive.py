@@ -372,6 +372,18 @@ def test_decide_takes_min_of_queued_and_target_now() -> None:
     assert policy.decide(3.0, 500, 2.0, False) == BatchDecision(32, 3.0)
 
 
+def test_a_queue_of_more_than_two_batches_gets_at_least_the_efficient_size() -> None:
+    """80.5 ms old with a 100.5 ms target leaves a budget for 14 tasks; with more than 28 queued
+    the load outruns such batches, so the batch is the overload climb's size (32 here), not 14;
+    a deadline in the queue keeps the budget-fitted size (its task must make it)."""
+    policy = trained_policy(latency_target_s=0.1005, max_batch_size=128)
+    assert policy.decide(3.0, 28, 3.0 - 0.0805, False) == BatchDecision(14, 3.0)
+    assert policy.decide(3.0, 29, 3.0 - 0.0805, False) == BatchDecision(29, 3.0)   # all 29 now
+    assert policy.decide(3.0, 40, 3.0 - 0.0805, False) == BatchDecision(32, 3.0)
+    assert policy.last_target_size == 32
+    assert policy.decide(3.0, 200, 3.0 - 0.0805, False, next_deadline_s=3.5) == BatchDecision(14, 3.0)
+
+
 @pytest.mark.parametrize(
     ("queued", "oldest", "expected"),
     [
