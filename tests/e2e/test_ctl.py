@@ -175,7 +175,7 @@ def test_configure_out_of_range_is_refused_before_it_reaches_the_control_topic(k
     assert "sent" not in proc.stdout
     # the worker kept its own setting, and nothing was published
     live = wait_status(env, ready(1), "a ready worker")
-    assert live["w0"]["models"]["digits"]["max_batch_size"] == 64
+    assert live["w0"]["models"]["digits"]["max_batch_size"] == 256   # the adaptive default
     assert live["w0"]["state"]["models"]["digits"]["params"] == {}
     proc = autoglm(env, "ctl", "configure", "--max-batch-size", "12", "--wait")
     assert proc.returncode == 0 and acked_lines(proc.stdout) == {"w0": "ok"}, proc.stdout + proc.stderr
