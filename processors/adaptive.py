@@ -33,7 +33,8 @@ Decision (when the model is idle; the batcher never forms a batch while it is bu
   cost ``a`` is large against ``b``), moves to a bucket with at least
   ``MIN_SAMPLES`` samples that is ``SWITCH_MARGIN`` (5 %) cheaper per task, and
   probes a neighbour (half or double) every ``PROBE_EVERY``-th overload batch,
-  every 2nd while a neighbour is unexplored (the larger first). Real costs are
+  every 2nd while a neighbour is unexplored (the larger first), never above the
+  largest batch whose service time alone fits the target. Real costs are
   not linear either way: on a CPU a text model's padding makes 64-text batches
   slower per text than 8-text ones, while a small model inside a Python stream
   processor pays a per-batch cost of the event loop that makes 256 cheaper per
@@ -333,11 +334,17 @@ class AdaptiveBatchPolicy:
         return size
 
     def _efficient_size(self, est: ServiceEstimate) -> int:
-        """The overload climb's size for this batch (a probe on every ``PROBE_EVERY``-th)."""
+        """The overload climb's size for this batch (a probe on every ``PROBE_EVERY``-th).
+
+        The climb stays at or below the largest batch whose service time alone fits the latency
+        target (``a + b*n <= latency_target_s``): a batch that misses the target even with no
+        queueing is never worth its latency (a 64-text batch of a CPU text model takes longer
+        than its 500 ms target, with no more throughput than 32)."""
+        bound = min(self.max_batch_size, self._fit(self.latency_target_s, est))
         seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
-        every = PROBE_EVERY_EXPLORING if self.efficiency.exploring(self.max_batch_size) else PROBE_EVERY
+        every = PROBE_EVERY_EXPLORING if self.efficiency.exploring(bound) else PROBE_EVERY
         probe = seen // every if seen % every == every - 1 else None
-        return self.efficiency.best_size(self.max_batch_size, probe, self.start_size(est))
+        return self.efficiency.best_size(bound, probe, self.start_size(est))
 
     def start_size(self, est: ServiceEstimate | None = None) -> int:
         """Where the overload climb starts: ``START_SIZE``, or larger, the power of two nearest to

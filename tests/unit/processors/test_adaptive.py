@@ -333,8 +333,11 @@ def test_target_size_property(
     budget = target_s - age_s
     eps = 1e-9
     t1 = service_s(1, a_s, b_s)
-    if budget < t1 - eps:  # overload: where the climb starts (from a/b, see test_start_size)
-        assert SizeEfficiency.bucket(without_deadline) == SizeEfficiency.bucket(policy.start_size())
+    if budget < t1 - eps:  # overload: where the climb starts (see test_start_size), at most the
+        # largest batch that fits the target on its own
+        bound = max(1, min(max_size, int((target_s - a_s) / b_s)))
+        assert without_deadline <= bound
+        assert SizeEfficiency.bucket(without_deadline) == SizeEfficiency.bucket(min(policy.start_size(), bound))
     elif budget > t1 + eps:
         assert service_s(without_deadline, a_s, b_s) <= budget + eps
         assert without_deadline == max_size or service_s(without_deadline + 1, a_s, b_s) > budget - eps
@@ -807,6 +810,23 @@ def test_start_size(a_s: float, b_s: float, max_size: int, expected: int) -> Non
         policy.observe(0.0, n, a_s + b_s * n, [])
     assert policy.service.identified
     assert policy.start_size() == expected
+
+
+def test_overload_climb_never_exceeds_the_batch_that_fits_the_target_alone() -> None:
+    """Per-task cost falls with n (bigger is better for throughput), but t(n) = 20 ms + 9 ms * n
+    exceeds the 500 ms target above n = 53: the climb stops in the bucket of 32."""
+    cost = lambda n: 0.020 + 0.009 * n  # noqa: E731
+    policy = AdaptiveBatchPolicy(latency_target_s=0.5, max_batch_size=256)
+    for n in (1, 2, 4, 8, 16, 32) * 5:  # an identified cost model
+        policy.observe(0.0, n, cost(n), [0.01])
+    sizes = []
+    for _ in range(200):
+        n = policy.target_size(1000.0, 990.0)
+        sizes.append(n)
+        policy.observe(1000.0, n, cost(n), [10.0])
+        policy.observe_cycle(n, cost(n))
+    assert max(sizes) <= 53
+    assert sizes[-100:].count(53) >= 70   # the bound itself (the top bucket's size), probes aside
 
 
 def test_overload_with_a_linear_cost_stays_at_the_largest_size() -> None:
