@@ -243,6 +243,8 @@ class SizeEfficiency:
         if probe_round is None:
             return size_of(best)
         neighbours = [k for k in (best + 1, best - 1) if 0 <= k <= top]
+        if not neighbours:  # max_batch_size 1: nothing to climb
+            return size_of(best)
         unexplored = [k for k in neighbours if self.samples.get(k, 0) < MIN_SAMPLES]
         if unexplored:  # an unexplored neighbour first (the larger one first)
             return size_of(unexplored[0])
@@ -336,11 +338,14 @@ class AdaptiveBatchPolicy:
     def _efficient_size(self, est: ServiceEstimate) -> int:
         """The overload climb's size for this batch (a probe on every ``PROBE_EVERY``-th).
 
-        The climb stays at or below the largest batch whose service time alone fits the latency
-        target (``a + b*n <= latency_target_s``): a batch that misses the target even with no
-        queueing is never worth its latency (a 64-text batch of a CPU text model takes longer
-        than its 500 ms target, with no more throughput than 32)."""
-        bound = min(self.max_batch_size, self._fit(self.latency_target_s, est))
+        Above ``START_SIZE`` the climb stays at or below the largest batch whose service time
+        alone fits the latency target (``a + b*n <= latency_target_s``, once the cost model is
+        fitted): a batch that misses the target even with no queueing is never worth its latency
+        (a 64-text batch of a CPU text model takes longer than its 500 ms target, with no more
+        throughput than 32)."""
+        bound = self.max_batch_size
+        if self.service.identified:  # never below START_SIZE: one noisy fit must not pin the climb low
+            bound = min(bound, max(START_SIZE, self._fit(self.latency_target_s, est)))
         seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
         every = PROBE_EVERY_EXPLORING if self.efficiency.exploring(bound) else PROBE_EVERY
         probe = seen // every if seen % every == every - 1 else None

@@ -158,9 +158,13 @@ class MicroBatcher(Generic[T]):
             # while a batch runs, arrivals change nothing until it ends (which wakes the loop)
             self._wake_len = None if self.busy else 1
             if not self.busy and len(self._queue):
-                decision = self.policy.decide(
-                    now, len(self._queue), self._queue.oldest_enqueued_s(), False, next_deadline
-                )
+                try:
+                    decision = self.policy.decide(
+                        now, len(self._queue), self._queue.oldest_enqueued_s(), False, next_deadline
+                    )
+                except Exception:  # a policy bug must not stop serving: flush what is queued
+                    log.exception("%s: batching policy failed; flushing up to max_batch_size now", self.name)
+                    decision = BatchDecision(min(len(self._queue), max(1, self.policy.max_batch_size)), now)
                 if self.flushing:  # a drain: no task waits for a fuller batch
                     decision = BatchDecision(min(len(self._queue), max(1, decision.size)), now)
                 if decision.flush_at_s is not None and decision.size > 0:

@@ -335,7 +335,7 @@ def test_target_size_property(
     t1 = service_s(1, a_s, b_s)
     if budget < t1 - eps:  # overload: where the climb starts (see test_start_size), at most the
         # largest batch that fits the target on its own
-        bound = max(1, min(max_size, int((target_s - a_s) / b_s)))
+        bound = min(max_size, max(32, int((target_s - a_s) / b_s)))   # never pinned below 32
         assert without_deadline <= bound
         assert SizeEfficiency.bucket(without_deadline) == SizeEfficiency.bucket(min(policy.start_size(), bound))
     elif budget > t1 + eps:
@@ -827,6 +827,26 @@ def test_overload_climb_never_exceeds_the_batch_that_fits_the_target_alone() -> 
         policy.observe_cycle(n, cost(n))
     assert max(sizes) <= 53
     assert sizes[-100:].count(53) >= 70   # the bound itself (the top bucket's size), probes aside
+
+
+@pytest.mark.parametrize("max_size", [1, 2, 3])
+def test_overload_with_tiny_bounds_never_fails(max_size: int) -> None:
+    """max_batch_size 1 leaves no neighbour to probe (it raised ZeroDivisionError once)."""
+    policy = AdaptiveBatchPolicy(latency_target_s=0.1, max_batch_size=max_size)
+    for _ in range(20):
+        n = policy.target_size(1000.0, 990.0)
+        assert 1 <= n <= max_size
+        policy.observe_cycle(n, 0.001 * n)
+
+
+def test_a_noisy_cost_fit_does_not_pin_the_overload_climb_below_32() -> None:
+    """One slow batch can fit b so large that a + b*n fits the target only for a few tasks; the
+    target bound applies above START_SIZE only."""
+    policy = AdaptiveBatchPolicy(latency_target_s=0.1, max_batch_size=256)
+    for n in (1, 3) * 10:
+        policy.observe(0.0, n, 0.050 * n, [0.01])   # b = 50 ms: the target fits 2 tasks
+    assert policy.service.identified
+    assert policy.target_size(1000.0, 990.0) == 32
 
 
 def test_overload_with_a_linear_cost_stays_at_the_largest_size() -> None:

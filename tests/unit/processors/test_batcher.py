@@ -221,6 +221,27 @@ async def test_arrivals_that_cannot_start_a_batch_do_not_wake_the_loop() -> None
     await batcher.stop()
 
 
+async def test_a_policy_that_raises_does_not_stop_serving(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in a policy (it once raised ZeroDivisionError under overload) used to end the
+    batcher's loop silently: the worker stayed up and served nothing. Now the queue is flushed
+    (up to max_batch_size) and the error logged."""
+
+    class Broken(FixedBatchPolicy):
+        def decide(self, *args: Any, **kw: Any):
+            raise ZeroDivisionError("integer modulo by zero")
+
+    clock = JumpClock(0.0)
+    rec = Recorder(clock)
+    batcher = MicroBatcher(rec, Broken(2, 1.0), clock=clock, sleep=clock.sleep)
+    batcher.start()
+    for i in range(5):
+        batcher.put(i)
+    await settle()
+    assert rec.items == [[0, 1], [2, 3], [4]]
+    assert "batching policy failed" in caplog.text
+    await batcher.stop()
+
+
 async def test_zero_wait_flushes_each_arrival_at_once() -> None:
     batcher, rec, vt = virtual_batcher(4, 0.0)
     batcher.start()
