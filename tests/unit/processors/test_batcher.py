@@ -168,6 +168,20 @@ async def test_batch_flushes_the_moment_it_fills_during_a_wait() -> None:
     await batcher.stop()
 
 
+def gated_handler(vt: VirtualTime):
+    """A handler recording (time, items) per batch whose first batch stays in the handler until
+    ``gate`` is resolved."""
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen: list[tuple[float, list[int]]] = []
+
+    async def handler(batch: list[Queued[int]]) -> None:
+        seen.append((vt.now, [q.item for q in batch]))
+        if len(seen) == 1:
+            await gate
+
+    return handler, gate, seen
+
+
 class CountingPolicy(FixedBatchPolicy):
     """A fixed policy that counts how often the batcher asks it."""
 
@@ -185,13 +199,7 @@ async def test_arrivals_that_cannot_start_a_batch_do_not_wake_the_loop() -> None
     that do not fill the batch are not worth a decision (each one used to cost the event loop a
     wake-up and a policy call); the arrival that fills it is, and a deadline always is."""
     vt = VirtualTime()
-    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    seen: list[tuple[float, list[int]]] = []
-
-    async def handler(batch: list[Queued[int]]) -> None:
-        seen.append((vt.now, [q.item for q in batch]))
-        if len(seen) == 1:
-            await gate
+    handler, gate, seen = gated_handler(vt)
 
     policy = CountingPolicy(4, 1.0)
     batcher = MicroBatcher(handler, policy, clock=vt.clock, sleep=vt.sleep)
@@ -319,13 +327,7 @@ async def test_handler_that_raises_does_not_stop_the_batcher(caplog: pytest.LogC
 
 async def test_one_batch_in_the_handler_at_a_time() -> None:
     vt = VirtualTime()
-    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    seen: list[tuple[float, list[int]]] = []
-
-    async def handler(batch: list[Queued[int]]) -> None:
-        seen.append((vt.now, [q.item for q in batch]))
-        if len(seen) == 1:
-            await gate
+    handler, gate, seen = gated_handler(vt)
 
     batcher = MicroBatcher(handler, FixedBatchPolicy(2, 1.0), clock=vt.clock, sleep=vt.sleep)
     batcher.start()
