@@ -88,7 +88,7 @@ def start_kafka(port: int) -> str:
 
 
 def stop_kafka(port: int) -> None:
-    subprocess.run(["bash", str(ROOT / "docker/kafka/kafka.sh"), "stop", "--port", str(port)], capture_output=True)
+    subprocess.run(["bash", str(ROOT / "docker/kafka/kafka.sh"), "stop", "--port", str(port), "--wipe"], capture_output=True)
 
 
 def start_worker(bootstrap: str, prefix: str, model: str, env: dict[str, str], log: Path,

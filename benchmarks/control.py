@@ -306,7 +306,7 @@ def start_kafka(data_dir: Path) -> tuple[str, int]:
 
 
 def stop_kafka(port: int, data_dir: Path) -> None:
-    subprocess.run(["bash", str(KAFKA_SH), "stop", "--port", str(port), "--data-dir", str(data_dir)],
+    subprocess.run(["bash", str(KAFKA_SH), "stop", "--port", str(port), "--data-dir", str(data_dir), "--wipe"],
                    capture_output=True, timeout=120)
 
 

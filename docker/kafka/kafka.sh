@@ -6,7 +6,7 @@
 #   docker/kafka/kafka.sh fetch
 #   docker/kafka/kafka.sh start  [--port N] [--controller-port N] [--data-dir D]
 #                                [--sasl-port N]
-#   docker/kafka/kafka.sh stop   [--port N] [--data-dir D]
+#   docker/kafka/kafka.sh stop   [--port N] [--data-dir D] [--wipe]   (--wipe: delete its data dir)
 #   docker/kafka/kafka.sh status [--port N] [--data-dir D]
 #   docker/kafka/kafka.sh topics [--port N] -- <kafka-topics arguments>
 #
@@ -98,6 +98,7 @@ CONTROLLER_PORT=""
 SASL_PORT=""
 SASL_PASSWORD="${AUTOGLM_KAFKA_SASL_PASSWORD:-autoglm-secret}"
 DATA_DIR=""
+WIPE=""
 EXTRA_ARGS=()
 
 parse_opts() {
@@ -111,6 +112,7 @@ parse_opts() {
       --sasl-port=*) SASL_PORT="${1#*=}"; shift ;;
       --data-dir) DATA_DIR="${2:?--data-dir needs a value}"; shift 2 ;;
       --data-dir=*) DATA_DIR="${1#*=}"; shift ;;
+      --wipe) WIPE=1; shift ;;
       --) shift; EXTRA_ARGS=("$@"); break ;;
       -h|--help) usage; exit 0 ;;
       *) die "unknown option: $1" ;;
@@ -353,6 +355,12 @@ cmd_stop() {
   else
     rm -f "$PID_FILE"
     log "no broker running from $DATA_DIR"
+  fi
+  # --wipe: a throw-away broker (benchmarks on a random port) must not leave its log segments
+  # behind (hundreds of MB per run); only a directory kafka.sh created is deleted
+  if [[ -n "$WIPE" && -f "$DATA_DIR/.autoglm-kafka" ]]; then
+    rm -rf "$DATA_DIR"
+    log "deleted $DATA_DIR"
   fi
 }
 
