@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Iterator
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
 from autoglm.models import ModelRunner, default_registry
+from autoglm.processors.metrics import BatchMetrics, PrometheusMetrics
 from autoglm.streams.embedded import EmbeddedBroker
 from autoglm.streams.security import client_kwargs
 from autoglm.streams.topics import TopicNames, ensure_topics
+
+if TYPE_CHECKING:
+    from autoglm.streams.app import WorkerConfig
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +97,51 @@ def load_runners(settings: Settings) -> dict[str, ModelRunner]:
     return runners
 
 
+def worker_config(settings: Settings) -> "WorkerConfig":
+    """The Kafka side's view of the settings (:class:`~autoglm.streams.app.WorkerConfig`)."""
+    from autoglm.streams.app import WorkerConfig
+    from autoglm.streams.consumer import ConsumerConfig
+
+    consumer = ConsumerConfig(
+        bootstrap_servers=settings.bootstrap_list, group_id=settings.consumer_group, topics=(),
+        max_in_flight=settings.max_in_flight, max_task_bytes=settings.max_task_bytes,
+        max_message_bytes=settings.max_message_bytes, session_timeout_s=settings.session_timeout_s,
+        heartbeat_interval_s=settings.heartbeat_interval_s, rebalance_timeout_s=settings.rebalance_timeout_s,
+        max_poll_interval_s=settings.max_poll_interval_s, commit_interval_s=settings.commit_interval_s,
+        client_kwargs=client_kwargs(settings),
+    )
+    return WorkerConfig(
+        consumer=consumer, prefix=settings.topic_prefix, worker_id=settings.worker_id,
+        latency_target_s=settings.latency_target_s, max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_wait_s, batching_mode=settings.batching_mode,
+        exactly_once=settings.delivery == "exactly_once", transaction_timeout_s=settings.transaction_timeout_s,
+        inference_timeout_s=settings.inference_timeout_s, max_task_bytes=settings.max_task_bytes,
+        max_result_bytes=settings.max_result_bytes, status_interval_s=settings.status_interval_s,
+        drain_timeout_s=settings.drain_timeout_s, control_key=settings.control_key_bytes,
+        stop_timeout_s=settings.stop_timeout_s,
+    )
+
+
+def worker_metrics(settings: Settings) -> BatchMetrics:
+    """Prometheus metrics on ``127.0.0.1:METRICS_PORT`` when the port is set, else none."""
+    if settings.metrics_port is None:
+        return BatchMetrics()
+    from prometheus_client import start_http_server
+
+    prom = PrometheusMetrics()
+    start_http_server(settings.metrics_port, addr="127.0.0.1", registry=prom.registry)
+    log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
+    return prom
+
+
+def faust_datadir(settings: Settings) -> str:
+    """faust's data directory: under the cache dir, never the working directory."""
+    root = Path(os.environ.get("AUTOGLM_CACHE_DIR") or Path.home() / ".cache" / "autoglm")
+    path = root / "faust"  # faust keeps nothing there for us (memory store), but wants the folder
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
 def run_worker(settings: Settings) -> int:
     """Run a worker until SIGTERM/SIGINT. Returns the process exit code."""
     from autoglm.streams.app import build_worker_app, run_app
@@ -104,7 +155,8 @@ def run_worker(settings: Settings) -> int:
         except AutoGLMError as exc:
             log.error("%s", exc)
             return 2
-        app, _pipeline = build_worker_app(live, runners)
+        app, _worker = build_worker_app(worker_config(live), runners, metrics=worker_metrics(live),
+                                        datadir=faust_datadir(live))
         log.info(
             "worker %s serving %s from %s (group %s)",
             live.worker_id, ", ".join(live.models), live.bootstrap_servers, live.consumer_group,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoglm.errors import InputSignatureError, ModelLoadError
+from autoglm.errors import InputSignatureError, ModelLoadError, TensorError
 from autoglm.models.base import InferenceModel, Signature
 
 logger = logging.getLogger(__name__)
@@ -297,21 +297,23 @@ class DigitsModel(InferenceModel):
         """
         if not isinstance(inputs, np.ndarray):
             raise InputSignatureError(_SHAPES_TEXT, _describe(inputs), model=self.name)
-        actual = f"{inputs.dtype} {tuple(inputs.shape)}"
+        shape = inputs.shape
         if inputs.dtype.kind != "f":
-            raise InputSignatureError(_DTYPE_TEXT, actual, model=self.name)
-        shape = tuple(inputs.shape)
+            raise InputSignatureError(_DTYPE_TEXT, _actual(inputs), model=self.name)
         if shape in _ONE_ROW_SHAPES:
             n = 1
         elif shape[1:] in ((64,), (8, 8), (1, 8, 8)) and shape[0] >= 1:
             n = shape[0]
         else:
-            raise InputSignatureError(_SHAPES_TEXT, actual, model=self.name)
+            raise InputSignatureError(_SHAPES_TEXT, _actual(inputs), model=self.name)
         if n > self.max_rows:
             raise InputSignatureError(
-                f"at most {self.max_rows} rows per task", f"{n} rows ({actual})", model=self.name
+                f"at most {self.max_rows} rows per task", f"{n} rows ({_actual(inputs)})", model=self.name
             )
-        return np.ascontiguousarray(inputs.reshape(n, 1, 8, 8), dtype=np.float32)
+        rows = np.ascontiguousarray(inputs.reshape(n, 1, 8, 8), dtype=np.float32)
+        if inputs.dtype != np.float32 and not np.isfinite(rows).all():  # e.g. float64 beyond float32's range
+            raise TensorError("inputs.data", "finite numbers within float32's range", f"{_actual(inputs)} that overflows")
+        return rows
 
     def collate(self, items: Sequence[np.ndarray]) -> np.ndarray:
         """Concatenate prepared tasks along axis 0: float32 ``(sum n, 1, 8, 8)``."""
@@ -341,3 +343,9 @@ class DigitsLinearModel(DigitsModel):
 
     name = "digits-linear"
     arch = "linear"
+
+
+def _actual(inputs: np.ndarray) -> str:
+    """An input's dtype and shape as error messages show them, e.g. ``float32 (2, 63)`` (built only
+    on the error path: a message per valid task cost as much as the rest of ``prepare``)."""
+    return f"{inputs.dtype} {tuple(inputs.shape)}"

@@ -80,7 +80,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from autoglm.processors.batching import BatchDecision, fixed_decision
+from autoglm.processors import tunables
+from autoglm.processors.batching import BatchDecision, PolicyFigures, fixed_decision
 
 #: EWMA smoothing of the cost model and of the latency feedback (effective span ~ 9 batches).
 DEFAULT_ALPHA = 0.2
@@ -284,6 +285,7 @@ class AdaptiveBatchPolicy:
         self.over_target = False
         self.latency_ewma_s: float | None = None
         self.last_target_size = 1
+        self._cap: int | None = None
         self.configure(latency_target_s=latency_target_s, max_batch_size=max_batch_size,
                        max_wait_s=max_wait_s, mode=mode)
 
@@ -300,24 +302,35 @@ class AdaptiveBatchPolicy:
         Raises:
             ValueError: a value is out of range; nothing is changed then.
         """
+        given = {k: v for k, v in (("latency_target_s", latency_target_s), ("max_batch_size", max_batch_size),
+                                   ("max_wait_s", max_wait_s), ("mode", mode)) if v is not None}
+        tunables.check_tunables(given)  # the ranges of the settings and of the control plane
         target = self.latency_target_s if latency_target_s is None else float(latency_target_s)
         size = self.max_batch_size if max_batch_size is None else int(max_batch_size)
         wait = self.max_wait_s if max_wait_s is None else float(max_wait_s)
         new_mode = self.mode if mode is None else mode
-        if not (target > 0 and math.isfinite(target)):
-            raise ValueError(f"latency_target_s must be a finite number > 0, got {latency_target_s}")
-        if size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if not wait >= 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-        if new_mode not in ("adaptive", "fixed"):
-            raise ValueError(f"mode must be 'adaptive' or 'fixed', got {mode!r}")
         if latency_target_s is not None and hasattr(self, "latency_target_s") and target != self.latency_target_s:
             self.correction = 1.0  # a new target: start the feedback afresh
             self.latency_ewma_s = None
         self.latency_target_s, self.max_batch_size, self.max_wait_s, self.mode = target, size, wait, new_mode
 
     # -- the BatchPolicy seam ---------------------------------------------------
+
+    @property
+    def batch_ceiling(self) -> int:
+        """The largest batch that can form: ``max_batch_size``, or the worker's in-flight cap when
+        smaller (tasks beyond the cap are never fetched, so a larger target could never fill)."""
+        return self.max_batch_size if self._cap is None else min(self.max_batch_size, self._cap)
+
+    def set_in_flight_cap(self, cap: int | None) -> None:
+        """The worker's in-flight cap (``MAX_IN_FLIGHT``), or None; see :attr:`batch_ceiling`."""
+        self._cap = cap
+
+    def figures(self) -> PolicyFigures:
+        """Settings, the last target size and the cost model's estimates (seconds)."""
+        est = self.service.estimate
+        return PolicyFigures(self.mode, self.latency_target_s, self.max_batch_size, self.batch_ceiling,
+                             self.max_wait_s, self.last_target_size, est.a_s, est.b_s, est.sigma_s, self.correction)
 
     def target_size(self, now_s: float, oldest_enqueued_s: float, next_deadline_s: float | None = None) -> int:
         """Largest batch whose expected completion keeps the oldest task inside its target."""
@@ -343,7 +356,7 @@ class AdaptiveBatchPolicy:
         fitted): a batch that misses the target even with no queueing is never worth its latency
         (a 64-text batch of a CPU text model takes longer than its 500 ms target, with no more
         throughput than 32)."""
-        bound = self.max_batch_size
+        bound = self.batch_ceiling
         if self.service.identified:  # never below START_SIZE: one noisy fit must not pin the climb low
             bound = min(bound, max(START_SIZE, self._fit(self.latency_target_s, est)))
         seen = self.efficiency.observations  # probe on a batch count, so repeated calls agree
@@ -359,25 +372,25 @@ class AdaptiveBatchPolicy:
         period is mostly noise, and a climb up from a few tasks took seconds of a first burst
         (the stream work around a model, which ``a`` does not see, favours larger batches too)."""
         if not self.service.identified:  # only one batch size seen so far: a/b is the prior's
-            return min(START_SIZE, self.max_batch_size)
+            return min(START_SIZE, self.batch_ceiling)
         est = est or self.service.estimate
         if est.b_s <= 0:
-            return self.max_batch_size
+            return self.batch_ceiling
         n = est.a_s / est.b_s * (1 - START_FIXED_SHARE) / START_FIXED_SHARE
-        return max(1, min(max(START_SIZE, 2 ** round(math.log2(max(n, 1.0)))), self.max_batch_size))
+        return max(1, min(max(START_SIZE, 2 ** round(math.log2(max(n, 1.0)))), self.batch_ceiling))
 
     def _fit(self, budget_s: float, est: ServiceEstimate) -> int:
         """Largest n in [1, max_batch_size] with a + b*n <= budget_s."""
         if est.b_s <= 0:
-            return self.max_batch_size
-        return max(1, min(int((budget_s - est.a_s) / est.b_s), self.max_batch_size))
+            return self.batch_ceiling
+        return max(1, min(int((budget_s - est.a_s) / est.b_s), self.batch_ceiling))
 
     def decide(
         self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
         next_deadline_s: float | None = None,
     ) -> BatchDecision:
         if self.mode == "fixed" or queued <= 0 or oldest_enqueued_s is None:
-            return fixed_decision(now_s, queued, oldest_enqueued_s, self.max_batch_size, self.max_wait_s)
+            return fixed_decision(now_s, queued, oldest_enqueued_s, self.batch_ceiling, self.max_wait_s)
         size = self.target_size(now_s, oldest_enqueued_s, next_deadline_s)
         if queued > 2 * size and next_deadline_s is None:  # falling behind: throughput first (module docstring)
             efficient = self._efficient_size(self.service.estimate)

@@ -12,7 +12,9 @@ policy ignores it. This is the seam the adaptive controller plugs into
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
+
+from autoglm.processors import tunables
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +35,77 @@ class BatchDecision:
     full_at: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyFigures:
+    """What a policy reports of itself (heartbeats, metrics).
+
+    Attributes:
+        mode: ``"adaptive"`` or ``"fixed"``.
+        latency_target_s: the p99 target, seconds (None for a policy without one).
+        max_batch_size: the configured bound, tasks.
+        batch_ceiling: the largest batch that can form: the smaller of
+            ``max_batch_size`` and the worker's in-flight cap.
+        max_wait_s: seconds.
+        target_size: the size the policy last asked for, tasks.
+        service_fixed_s, service_per_task_s, service_spread_s: the EWMA cost model
+            ``a + b*n`` and its spread, seconds (None without a cost model).
+        correction: the latency feedback's multiplier on the target (None without one).
+    """
+
+    mode: str
+    latency_target_s: float | None
+    max_batch_size: int
+    batch_ceiling: int
+    max_wait_s: float
+    target_size: int
+    service_fixed_s: float | None = None
+    service_per_task_s: float | None = None
+    service_spread_s: float | None = None
+    correction: float | None = None
+
+    def report(self) -> dict[str, Any]:
+        """The heartbeat form: times of the cost model in milliseconds (``service_*_ms``)."""
+        out: dict[str, Any] = {
+            "mode": self.mode, "latency_target_s": self.latency_target_s, "max_batch_size": self.max_batch_size,
+            "batch_ceiling": self.batch_ceiling, "max_wait_s": self.max_wait_s, "target_size": self.target_size,
+        }
+        if self.service_fixed_s is not None:
+            out.update(service_fixed_ms=self.service_fixed_s * 1000.0,
+                       service_per_task_ms=(self.service_per_task_s or 0.0) * 1000.0,
+                       service_spread_ms=(self.service_spread_s or 0.0) * 1000.0)
+        return out
+
+
 class BatchPolicy(Protocol):
-    """The batching seam. Implementations are pure and cheap (called per event)."""
+    """The batching seam. Implementations are pure and cheap (called per event).
+
+    Attributes:
+        max_batch_size: the configured bound on tasks per batch.
+        batch_ceiling: the largest batch that can form (``max_batch_size`` and the
+            worker's in-flight cap, whichever is smaller); decisions never exceed it.
+        over_target: whether the last batch's worst latency missed the target
+            (always False for a policy without a target).
+        last_target_size: the size the policy last asked for.
+    """
 
     max_batch_size: int
+    over_target: bool
+    last_target_size: int
+
+    @property
+    def batch_ceiling(self) -> int: ...
+
+    def set_in_flight_cap(self, cap: int | None) -> None:
+        """The worker's in-flight cap (None: none): a batch can never hold more tasks than it."""
+        ...
+
+    def configure(self, **params: Any) -> None:
+        """Re-tune (``max_batch_size``, ``max_wait_s``, ...); raises ValueError when out of range."""
+        ...
+
+    def figures(self) -> PolicyFigures:
+        """The current settings and estimates."""
+        ...
 
     def decide(
         self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
@@ -91,29 +160,45 @@ class FixedBatchPolicy:
         ValueError: a bound is out of range.
     """
 
+    over_target = False
+
     def __init__(self, max_batch_size: int = 32, max_wait_s: float = 0.010):
+        self._cap: int | None = None
         self.configure(max_batch_size=max_batch_size, max_wait_s=max_wait_s)
+        self.last_target_size = self.batch_ceiling
 
     def configure(self, *, max_batch_size: int | None = None, max_wait_s: float | None = None) -> None:
         """Change the bounds while running.
 
         Raises:
-            ValueError: ``max_batch_size`` < 1 or ``max_wait_s`` < 0.
+            ValueError: out of the ranges of :mod:`autoglm.processors.tunables`.
         """
-        if max_batch_size is not None and max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_wait_s is not None and not max_wait_s >= 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if max_batch_size is not None:
+            tunables.MAX_BATCH_SIZE.check(max_batch_size)
+        if max_wait_s is not None:
+            tunables.MAX_WAIT_S.check(max_wait_s)
         if max_batch_size is not None:
             self.max_batch_size = int(max_batch_size)
         if max_wait_s is not None:
             self.max_wait_s = float(max_wait_s)
 
+    @property
+    def batch_ceiling(self) -> int:
+        """``max_batch_size``, or the in-flight cap when that is smaller."""
+        return self.max_batch_size if self._cap is None else min(self.max_batch_size, self._cap)
+
+    def set_in_flight_cap(self, cap: int | None) -> None:
+        self._cap = cap
+
+    def figures(self) -> PolicyFigures:
+        return PolicyFigures("fixed", None, self.max_batch_size, self.batch_ceiling, self.max_wait_s,
+                             self.batch_ceiling)
+
     def decide(
         self, now_s: float, queued: int, oldest_enqueued_s: float | None, busy: bool,
         next_deadline_s: float | None = None,
     ) -> BatchDecision:
-        return fixed_decision(now_s, queued, oldest_enqueued_s, self.max_batch_size, self.max_wait_s)
+        return fixed_decision(now_s, queued, oldest_enqueued_s, self.batch_ceiling, self.max_wait_s)
 
     def observe(self, now_s: float, batch_size: int, inference_s: float, latencies_s: Sequence[float]) -> None:
         return None

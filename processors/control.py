@@ -28,29 +28,18 @@ Semantics (the README's "Control plane" section says the same to users):
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol
 
+from autoglm.processors import tunables
+
 STATE_COMMANDS = ("pause", "resume", "configure")
 LIVE_COMMANDS = ("drain", "status")
 
-#: The batching parameters ``configure`` accepts, and the type each must have.
-CONFIGURE_PARAMS: dict[str, tuple[type, ...]] = {
-    "latency_target_s": (int, float),
-    "max_batch_size": (int,),
-    "max_wait_s": (int, float),
-    "mode": (str,),
-}
-
-#: Accepted ranges (inclusive), the same as the worker settings of the same names (autoglm/config.py).
-CONFIGURE_RANGES: dict[str, tuple[float, float]] = {
-    "latency_target_s": (1e-6, 3600.0),
-    "max_batch_size": (1, 65_536),
-    "max_wait_s": (0.0, 60.0),
-}
-CONFIGURE_MODES = ("adaptive", "fixed")
+#: ``configure`` parameters and their ranges: defined once, in :mod:`autoglm.processors.tunables`.
+CONFIGURE_PARAMS = tunables.CONFIGURE_PARAMS
+CONFIGURE_MODES = tunables.BATCHING_MODES
 
 #: How many applied event ids a worker remembers for replay protection.
 SEEN_IDS_MAX = 100_000
@@ -88,33 +77,18 @@ def control_key(command: str, target: Mapping[str, str], params: Mapping[str, An
 
 
 def check_configure_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate the names and types of ``configure`` parameters (ranges are the policy's check).
+    """Validate ``configure`` parameters: names, types and ranges (:mod:`autoglm.processors.tunables`,
+    the same ranges as the worker settings of the same names and the policies' ``configure``).
 
     Returns:
         The parameters as a plain dict.
 
     Raises:
-        ValueError: empty, an unknown name, a wrong type, a non-finite number, or a value out
-            of :data:`CONFIGURE_RANGES` (the ranges of the worker settings of the same names).
+        ValueError: empty, an unknown name, a wrong type, a non-finite number or a value out of range.
     """
     if not params:
         raise ValueError(f"configure needs at least one of {sorted(CONFIGURE_PARAMS)}")
-    for name, value in params.items():
-        types = CONFIGURE_PARAMS.get(name)
-        if types is None:
-            raise ValueError(f"unknown configure parameter {name!r}; known: {sorted(CONFIGURE_PARAMS)}")
-        if isinstance(value, bool) or not isinstance(value, types):
-            raise ValueError(f"configure parameter {name!r} must be {'/'.join(t.__name__ for t in types)}, "
-                             f"got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"configure parameter {name!r} must be finite, got {value!r}")
-        if name in CONFIGURE_RANGES:
-            low, high = CONFIGURE_RANGES[name]
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be between {low:g} and {high:g}, got {value!r}")
-        if name == "mode" and value not in CONFIGURE_MODES:
-            raise ValueError(f"mode must be one of {CONFIGURE_MODES}, got {value!r}")
-    return dict(params)
+    return tunables.check_tunables(params)
 
 
 @dataclass(frozen=True, slots=True)

@@ -123,10 +123,21 @@ class InFlightLimiter:
         self._reserved = 0  # slots promised to woken waiters that have not resumed yet
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[asyncio.Future[None]] = []
+        self._free_waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @property
     def in_flight(self) -> int:
         return self._count
+
+    def take(self, n: int) -> None:
+        """Take ``n`` slots now, without waiting (a consumer that asked for at most the free slots
+        hands over what it got; more than the free slots go over the cap)."""
+        self._count += n
+
+    @property
+    def free(self) -> int:
+        """Slots free now (0 at or over the cap)."""
+        return max(0, self.limit - self._count - self._reserved)
 
     async def acquire(self) -> None:
         """Wait for a free slot and take it (first come, first served)."""
@@ -157,7 +168,27 @@ class InFlightLimiter:
                 if not fut.done():
                     fut.set_result(None)
 
+    async def wait_free(self, at_least: int, timeout_s: float) -> None:
+        """Return once at least ``at_least`` slots are free, or after ``timeout_s`` seconds."""
+        if self.free >= at_least:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (at_least, fut)
+        self._free_waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            if entry in self._free_waiters:
+                self._free_waiters.remove(entry)
+
     def _wake(self) -> None:
+        if self._free_waiters:
+            free = self.free
+            for n, fut in self._free_waiters:
+                if free >= n and not fut.done():
+                    fut.set_result(None)
         while self._waiters and self._count + self._reserved < self.limit:
             fut = self._waiters.popleft()
             if not fut.done():

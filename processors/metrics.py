@@ -21,6 +21,8 @@ from typing import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from autoglm.processors.batching import PolicyFigures
+
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -37,6 +39,14 @@ class BatchMetrics:
     def set_policy_state(self, model: str, *, a_s: float, b_s: float, sigma_s: float, target_size: int,
                          correction: float) -> None:
         """The policy's current estimates (seconds) and target size."""
+
+    def set_policy_figures(self, model: str, figures: PolicyFigures) -> None:
+        """The policy's figures (:meth:`~autoglm.processors.batching.BatchPolicy.figures`)."""
+        if figures.service_fixed_s is None:
+            return
+        self.set_policy_state(model, a_s=figures.service_fixed_s, b_s=figures.service_per_task_s or 0.0,
+                              sigma_s=figures.service_spread_s or 0.0, target_size=figures.target_size,
+                              correction=1.0 if figures.correction is None else figures.correction)
 
 
 NoopMetrics = BatchMetrics

@@ -137,12 +137,14 @@ def encode_task(task: Task) -> bytes:
     return dumps(doc)
 
 
-def decode_task(raw: bytes | bytearray | memoryview | str | None) -> Task:
+def decode_task(raw: bytes | bytearray | memoryview | str | None, *, check_finite: bool = True) -> Task:
     """Parse and validate a task event.
 
     Inputs that are a JSON string or list of strings become ``list[str]``;
     anything else must be a tensor (see :func:`~autoglm.streams.codec.decode_tensor`).
     Whether the inputs fit the model is the model's check, not this one's.
+    With ``check_finite=False`` a base64 tensor's values are not checked for
+    NaN/inf here (the worker checks a whole micro-batch at once).
 
     Raises:
         EventDecodeError, SchemaVersionError, EventValidationError, TensorError:
@@ -152,25 +154,40 @@ def decode_task(raw: bytes | bytearray | memoryview | str | None) -> Task:
     task_id = _readable(doc.get("id"))
     model = _readable(doc.get("model"))
     try:
-        _check_schema(doc, "task")
-        tid = _req_str(doc, "id", max_len=MAX_ID_CHARS)
-        model_name = _req_str(doc, "model", max_len=MAX_ID_CHARS)
+        schema = doc.get("schema")
+        if type(schema) is not str or schema not in _VALID_TASK_SCHEMAS:  # a list is unhashable
+            _check_schema(doc, "task")
+            if len(_VALID_TASK_SCHEMAS) < 64:  # remember a few valid spellings (v1, v1.1, ...)
+                _VALID_TASK_SCHEMAS.add(doc["schema"])
+        if task_id is None:
+            _req_str(doc, "id", max_len=MAX_ID_CHARS)  # raises with the reason
+        if model is None:
+            _req_str(doc, "model", max_len=MAX_ID_CHARS)
+        get = doc.get
+        priority, deadline, created, reply_to, attributes = (
+            get("priority"), get("deadline_ms"), get("created_ms"), get("reply_to"), get("attributes"))
         return Task(
-            id=tid,
-            model=model_name,
-            inputs=_decode_inputs(doc.get("inputs", _MISSING)),
-            priority=_opt_int(doc, "priority", default=0),
-            deadline_ms=_opt_epoch_ms(doc, "deadline_ms"),
-            created_ms=_opt_epoch_ms(doc, "created_ms"),
-            reply_to=_opt_topic(doc, "reply_to"),
-            attributes=_opt_str_map(doc, "attributes"),
+            id=task_id,
+            model=model,
+            inputs=_decode_inputs(get("inputs", _MISSING), check_finite),
+            priority=0 if priority is None else _opt_int(doc, "priority", default=0),
+            deadline_ms=None if deadline is None else _opt_epoch_ms(doc, "deadline_ms"),
+            created_ms=None if created is None else _opt_epoch_ms(doc, "created_ms"),
+            reply_to=None if reply_to is None else _opt_topic(doc, "reply_to"),
+            attributes={} if attributes is None else _opt_str_map(doc, "attributes"),
         )
     except (SchemaVersionError, EventValidationError) as exc:
         exc.task_id, exc.model = task_id, model
         raise
 
 
-def _decode_inputs(value: Any) -> Inputs:
+#: schema strings already checked valid for tasks (a set lookup instead of a regex per task)
+_VALID_TASK_SCHEMAS: set[str] = {TASK_SCHEMA}
+
+
+def _decode_inputs(value: Any, check_finite: bool = True) -> Inputs:
+    if type(value) is dict:  # the common case: a base64 tensor
+        return decode_tensor(value, field="inputs", check_finite=check_finite)
     if value is _MISSING:
         raise EventValidationError("inputs", "a tensor, a text or a list of texts", "missing")
     if isinstance(value, str):
@@ -179,7 +196,7 @@ def _decode_inputs(value: Any) -> Inputs:
         return list(value)
     if isinstance(value, list) and any(isinstance(v, str) for v in value):
         raise EventValidationError("inputs", "a list of texts only", "a list mixing texts and other values")
-    return decode_tensor(value, field="inputs")
+    return decode_tensor(value, field="inputs", check_finite=check_finite)
 
 
 # -- results -----------------------------------------------------------------

@@ -1,23 +1,33 @@
-"""The per-record path of a worker: decode, validate, batch, infer, publish, acknowledge.
+"""The data path of a worker, batch by batch: decode, validate, batch, infer, publish, commit.
 
 ::
 
-    record ─► in-flight cap ─► decode + validate ──bad──► dead-letter record (+ rejected result)
-                                   │ good                         │
-                                   ▼                              │ broker ack
-                             micro-batcher (per model)            ▼
-                                   │ batch               offset tracker ─► ack in offset order
-                                   ▼                              ▲            (then faust commits)
-                             model runner thread ─► results ──────┘ broker ack
+    poll (per-partition record lists) ─► decode + validate ──bad──► dead-letter record (+ rejected result)
+                                           │ good (finiteness checked once per poll)   │
+                                           ▼                                            │ broker ack
+                                     micro-batcher (per model)                          ▼
+                                           │ batch                       offset tracker ─► commit position
+                                           ▼                                            ▲   (in offset order)
+                                     model runner thread ─► results, one record batch ──┘ broker ack
+                                                            per destination partition
 
-Commit after produce: a record is acknowledged to the consumer (which then
-commits it) only when its result or dead-letter record has been acknowledged
-by the broker, and only in offset order per partition.
+The batch is the unit of work: records arrive as the consumer's per-partition
+lists; only parsing a task and splitting its output rows are per task. The
+finiteness check of a poll's tensors, the result fields a batch shares,
+producing (one record batch per destination partition), offset bookkeeping,
+acknowledgements and metrics are per batch.
 
-The pipeline knows Kafka only through two callables given to it: ``send``
-(produce one record, return an awaitable of the broker's acknowledgement) and
-``ack`` (mark a consumed record done). The faust wiring in
-:mod:`autoglm.streams.app` supplies both; tests can supply their own.
+Commit after produce: the commit position of a partition advances past an
+offset only when that task's result or dead-letter record has been
+acknowledged by the broker, and only in offset order per partition.
+
+The pipeline knows Kafka only through two callables: ``produce(records)``
+(awaitable; resolves when the broker acknowledged every record) and
+``ack(partition, next_offset)`` (the partition's commit position advanced).
+:mod:`autoglm.streams.app` supplies both; tests supply their own. It never
+blocks the consumer: :meth:`TaskPipeline.on_records` is synchronous, and the
+consumer asks for at most :attr:`TaskPipeline.capacity` records (the in-flight
+cap is the consumer's backpressure, see :mod:`autoglm.streams.consumer`).
 """
 
 from __future__ import annotations
@@ -27,7 +37,9 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Hashable, Mapping
+from typing import Any, Awaitable, Callable, Hashable, Mapping, Protocol, Sequence
+
+import numpy as np
 
 from autoglm.errors import (
     EventError,
@@ -53,6 +65,7 @@ from autoglm.streams.events import (
     now_ms,
     readable_field,
 )
+from autoglm.streams.results import BatchResultEncoder, all_finite
 from autoglm.streams.topics import TopicNames
 
 log = logging.getLogger(__name__)
@@ -60,8 +73,8 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 Record = tuple[str, bytes | None, bytes | None, Headers]
 TransactFn = Callable[[list[Record], dict[Any, int]], Awaitable[None]]
-SendFn = Callable[[str, bytes | None, bytes | None, Headers], Awaitable[Awaitable[Any]]]
-AckFn = Callable[[Any], None]
+ProduceFn = Callable[[list[Record]], Awaitable[None]]
+AckFn = Callable[[Hashable, int], None]
 
 DLQ_HEADER_CODE = "autoglm.error.code"
 DLQ_HEADER_MESSAGE = "autoglm.error.message"
@@ -69,6 +82,26 @@ DLQ_HEADER_TOPIC = "autoglm.source.topic"
 DLQ_HEADER_PARTITION = "autoglm.source.partition"
 DLQ_HEADER_OFFSET = "autoglm.source.offset"
 DLQ_HEADER_WORKER = "autoglm.worker"
+
+
+class ConsumedRecord(Protocol):
+    """What the pipeline reads of a consumed record (aiokafka's ``ConsumerRecord`` has it)."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class TopicChecker(Protocol):
+    """Whether a ``reply_to`` topic exists (:class:`~autoglm.streams.topics.TopicCache`)."""
+
+    def cached(self, topic: str) -> bool | None:
+        """The known answer, without I/O; None when it must be asked."""
+        ...
+
+    async def exists(self, topic: str) -> bool:
+        """Ask the broker (cached)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -83,6 +116,7 @@ class Pending:
     received_ms: int
     key: bytes | None = None
     value: bytes | None = None
+    deadline_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -106,17 +140,22 @@ class TaskPipeline:
     Args:
         names: topic names.
         worker_id: written into results and dead-letter headers.
-        runners: model name -> a started ``ModelRunner`` (``.model``, ``async run(items)``).
+        runners: model name -> a started runner (:class:`~autoglm.models.runner.ModelRunner`
+            or a fallback pair): ``.model`` and ``async run_isolated(items, timeout_s=)``.
         policies: model name -> batching policy.
-        send: produce one record ``(topic, key, value, headers)``; awaiting it
-            returns an awaitable that resolves when the broker acknowledged.
-        ack: acknowledge a consumed record given its token.
-        max_in_flight: tasks between receipt and acknowledgement (memory bound).
+        produce: ``async produce(records)``: produce ``(topic, key, value, headers)``
+            records and return once the broker acknowledged all of them.
+        ack: ``ack(partition, next_offset)``: every offset of ``partition`` below
+            ``next_offset`` is answered and acknowledged (the commit position).
+        max_in_flight: tasks between receipt and acknowledgement (the memory bound);
+            the consumer asks for at most :attr:`capacity` records.
         on_fatal: called with the exception when a result cannot be delivered
             (the worker must stop so that the task is consumed again).
         metrics: batching metrics (default: records nothing).
-        topic_exists: ``async topic_exists(name) -> bool``; a task whose ``reply_to``
-            names a missing topic is rejected (default: every topic exists).
+        topics: checks ``reply_to`` topics; a task whose ``reply_to`` names a missing
+            topic is rejected. The record loop never waits for the broker: a task whose
+            topic is not known yet waits beside the queue until it is (default: every
+            topic exists).
         delivery_timeout_s: the longest the broker may take to acknowledge a
             batch's records; past it the delivery is fatal like a failed one.
         inference_timeout_s: per-batch forward timeout (None: no timeout); a
@@ -146,12 +185,12 @@ class TaskPipeline:
         worker_id: str,
         runners: Mapping[str, Any],
         policies: Mapping[str, BatchPolicy],
-        send: SendFn,
+        produce: ProduceFn,
         ack: AckFn,
         max_in_flight: int,
         on_fatal: Callable[[BaseException], None] | None = None,
         metrics: BatchMetrics | None = None,
-        topic_exists: Callable[[str], Awaitable[bool]] | None = None,
+        topics: TopicChecker | None = None,
         delivery_timeout_s: float = 120.0,
         inference_timeout_s: float | None = None,
         max_task_bytes: int | None = None,
@@ -163,12 +202,12 @@ class TaskPipeline:
         self.worker_id = worker_id
         self.runners = dict(runners)
         self.policies = dict(policies)
-        self._send = send
+        self._produce = produce
         self._ack = ack
         self._on_fatal = on_fatal or (lambda exc: None)
         self.clock = clock
         self.metrics = metrics or BatchMetrics()
-        self._topic_exists = topic_exists
+        self._topics = topics
         self.delivery_timeout_s = delivery_timeout_s
         self.inference_timeout_s = inference_timeout_s
         self.max_task_bytes = max_task_bytes
@@ -177,7 +216,7 @@ class TaskPipeline:
         self._held: dict[tuple[Hashable, int], list[Record]] = {}
         self._released: set[Hashable] = set()
         self.limiter = InFlightLimiter(max_in_flight)
-        self.tracker: OffsetTracker[Any] = OffsetTracker()
+        self.tracker: OffsetTracker[int] = OffsetTracker()
         self.counters = PipelineCounters()
         self.batchers: dict[str, MicroBatcher[Pending]] = {
             name: MicroBatcher(self._batch_handler(name), self.policies[name], on_expired=self._on_expired,
@@ -186,8 +225,10 @@ class TaskPipeline:
         }
         self.windows: dict[str, WindowStats] = {name: WindowStats() for name in self.runners}
         self._background: set[asyncio.Task] = set()
-        # per model: (start_s, size) of the last batch, when a backlog waited behind it
+        # per model: (start_s, size, asked) of the last batch, when a backlog waited behind it
         self._saturated: dict[str, tuple[float, int, int] | None] = {}
+        # reply_to topics being checked: topic -> tasks waiting for the answer
+        self._awaiting_topic: dict[str, list[Pending]] = {}
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -213,6 +254,15 @@ class TaskPipeline:
         """Tasks received and not yet acknowledged (their result or dead letter not yet on the broker)."""
         return self.limiter.in_flight
 
+    @property
+    def capacity(self) -> int:
+        """How many more records the consumer may hand over now (``max_in_flight - in_flight``)."""
+        return max(0, self.limiter.limit - self.limiter.in_flight)
+
+    async def wait_capacity(self, at_least: int, timeout_s: float) -> None:
+        """Return once ``at_least`` in-flight slots are free, or after ``timeout_s`` seconds."""
+        await self.limiter.wait_free(at_least, timeout_s)
+
     async def wait_idle(self, poll_s: float = 0.01) -> None:
         """Return once nothing is in flight: every received task answered and acknowledged."""
         while self.limiter.in_flight or self._background:
@@ -220,6 +270,11 @@ class TaskPipeline:
                 await asyncio.gather(*list(self._background), return_exceptions=True)
             else:
                 await asyncio.sleep(poll_s)
+
+    def set_flushing(self, flushing: bool) -> None:
+        """While set (a drain or a stop), partial batches go to the model at once."""
+        for batcher in self.batchers.values():
+            batcher.set_flushing(flushing)
 
     def figures(self, window_s: float, *, reset: bool = True) -> dict[str, dict[str, Any]]:
         """Per-model figures since the previous call with ``reset``, for heartbeats and status reports.
@@ -232,27 +287,20 @@ class TaskPipeline:
             model -> ``results``, ``throughput_per_s``, ``p50_ms``, ``p99_ms``,
             ``mean_batch_size`` (see :class:`~autoglm.processors.metrics.WindowStats`),
             ``queue_depth`` (tasks waiting for a batch), and the batching policy's
-            ``mode``, ``latency_target_s``, ``max_batch_size``, ``max_wait_s``,
-            ``target_size`` and cost-model estimates ``service_fixed_ms``,
-            ``service_per_task_ms``, ``service_spread_ms`` when it has them.
+            figures (:meth:`~autoglm.processors.batching.BatchPolicy.figures`: ``mode``,
+            ``latency_target_s``, ``max_batch_size``, ``max_wait_s``, ``target_size``
+            and the cost-model estimates ``service_fixed_ms``, ``service_per_task_ms``,
+            ``service_spread_ms`` when it has them).
         """
         out: dict[str, dict[str, Any]] = {}
         for name, window in self.windows.items():
             fig: dict[str, Any] = window.take(window_s, reset=reset)
             fig["queue_depth"] = len(self.batchers[name])
-            policy = self.policies[name]
-            for attr in ("mode", "latency_target_s", "max_batch_size", "max_wait_s"):
-                if hasattr(policy, attr):
-                    fig[attr] = getattr(policy, attr)
-            service = getattr(policy, "service", None)
-            if service is not None:
-                est = service.estimate
-                fig.update(target_size=policy.last_target_size, service_fixed_ms=est.a_s * 1000.0,
-                           service_per_task_ms=est.b_s * 1000.0, service_spread_ms=est.sigma_s * 1000.0)
+            fig.update(self.policies[name].figures().report())
             out[name] = fig
         return out
 
-    async def release_partitions(self, partitions: list[Hashable], timeout_s: float) -> int:
+    async def release_partitions(self, partitions: Sequence[Hashable], timeout_s: float) -> int:
         """Get ready to hand ``partitions`` to another worker (before a rebalance revokes them).
 
         Their tasks still queued for a batch are taken out (not served, not acknowledged: the
@@ -264,10 +312,16 @@ class TaskPipeline:
         tps = set(partitions)
         self._released |= tps
         handed_back: dict[Hashable, int] = {}
-        for batcher in self.batchers.values():
-            for pending in batcher.remove_if(lambda p: p.partition in tps):
-                handed_back[pending.partition] = handed_back.get(pending.partition, 0) + 1
-        self.limiter.release(sum(handed_back.values()))
+
+        def revoked(p: Pending) -> bool:
+            return p.partition in tps
+
+        taken = [p for batcher in self.batchers.values() for p in batcher.remove_if(revoked)]
+        for topic, waiting in self._awaiting_topic.items():
+            taken += [p for p in waiting if revoked(p)]
+            waiting[:] = [p for p in waiting if not revoked(p)]
+        for pending in taken:
+            handed_back[pending.partition] = handed_back.get(pending.partition, 0) + 1
         deadline = self.clock() + timeout_s
         while any(self.tracker.unfinished(tp) > handed_back.get(tp, 0) for tp in tps):
             if self.clock() >= deadline:
@@ -280,85 +334,139 @@ class TaskPipeline:
                      sum(handed_back.values()))
         return sum(handed_back.values())
 
-    def assigned(self, partitions: list[Hashable]) -> None:
+    def assigned(self, partitions: Sequence[Hashable]) -> None:
         """Partitions assigned (again) to this worker: their records are served."""
         self._released -= set(partitions)
 
-    def revoke(self, partitions: list[Hashable]) -> None:
+    def revoke(self, partitions: Sequence[Hashable]) -> None:
         """Forget revoked partitions (their unfinished tasks may be served again by the new owner)."""
         for tp in partitions:
             lost = self.tracker.revoke(tp)
             held = [key for key in self._held if key[0] == tp]
             for key in held:  # finished but never committed (exactly-once): the new owner serves them again
                 del self._held[key]
-            self.limiter.release(len(held))
+            # every unfinished task of the partition leaves the in-flight count now; its later settle
+            # finds no tracked offset and releases nothing (see _settle)
+            self.limiter.release(lost + len(held))
             if lost:
                 log.info("partition %s revoked with %d tasks in flight", tp, lost)
 
     # -- records --------------------------------------------------------------
 
-    async def on_record(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, token: Any
-    ) -> None:
-        """Take one consumed task record. Waits while the in-flight cap is reached (backpressure)."""
+    def on_records(self, topic: str, partition: int, records: Sequence[ConsumedRecord]) -> None:
+        """Take the records of one partition from one poll (in offset order). Never blocks.
+
+        Each record is decoded and validated; valid tasks go to their model's batcher, invalid
+        ones to the dead-letter topic. The caller hands over at most :attr:`capacity` records
+        (more are accepted, over the cap).
+        """
         tp = (topic, partition)
-        if tp in self._released:  # its partition is being handed over: the new owner serves it
+        if tp in self._released or not records:  # its partition is being handed over: the new owner serves it
             return
-        await self.limiter.acquire()
-        if tp in self._released:
-            self.limiter.release()
-            return
-        try:
-            self.tracker.received(tp, offset, (offset, token))
-        except ValueError:  # already in flight here (redelivered without a revoke): serve it once
-            self.limiter.release()
-            log.warning("skipping %s offset %d: already in flight", tp, offset)
-            return
-        self.counters.received += 1
+        model = self.names.model_of(topic)
+        runner = self.runners.get(model) if model is not None else None
         received_s, received_ms = self.clock(), now_ms()
-        try:
-            if self.max_task_bytes is not None and value is not None and len(value) > self.max_task_bytes:
-                raise TaskTooLargeError(
-                    f"task record is {len(value)} bytes, above max_task_bytes={self.max_task_bytes} "
-                    "(AUTOGLM_MAX_TASK_BYTES)", task_id=readable_field(value, "id"),
-                    model=readable_field(value, "model"),
-                )
-            task = decode_task(value)
-            model = self.names.model_of(topic)
-            if task.model != model:
-                raise UnknownModelError(
-                    f"task names model {task.model!r} but arrived on {topic!r}, the topic of model {model!r}; "
-                    f"publish it to {self.names.tasks(task.model)!r}",
-                    task_id=task.id, model=task.model,
-                )
-            runner = self.runners.get(model)
-            if runner is None:
-                raise UnknownModelError(
-                    f"model {model!r} is not served by this worker (serves {sorted(self.runners)})",
-                    task_id=task.id, model=task.model,
-                )
+        self.limiter.take(len(records))
+        self.counters.received += len(records)
+        tracker, max_task_bytes = self.tracker, self.max_task_bytes
+        valid: list[Pending] = []
+        rejected: list[tuple[int, bytes | None, bytes | None, EventError]] = []
+        for record in records:
+            offset, value = record.offset, record.value
             try:
-                prepared = runner.model.prepare(task.inputs)
+                tracker.received(tp, offset, offset)
+            except ValueError:  # already in flight here (redelivered without a revoke): serve it once
+                self.limiter.release()
+                log.warning("skipping %s offset %d: already in flight", tp, offset)
+                continue
+            try:
+                if max_task_bytes is not None and value is not None and len(value) > max_task_bytes:
+                    raise TaskTooLargeError(
+                        f"task record is {len(value)} bytes, above max_task_bytes={max_task_bytes} "
+                        "(AUTOGLM_MAX_TASK_BYTES)", task_id=readable_field(value, "id"),
+                        model=readable_field(value, "model"),
+                    )
+                task = decode_task(value, check_finite=False)
+                if task.model != model or runner is None:
+                    raise self._wrong_model(task, topic, model)
+                try:
+                    prepared = runner.model.prepare(task.inputs)
+                except EventError as exc:
+                    exc.task_id, exc.model = task.id, task.model
+                    raise
             except EventError as exc:
-                exc.task_id, exc.model = task.id, task.model
-                raise
-            if task.reply_to is not None and self._topic_exists is not None:
-                if not await self._topic_exists(task.reply_to):
-                    raise EventValidationError("reply_to", "an existing topic", task.reply_to,
-                                               task_id=task.id, model=task.model)
-        except EventError as exc:
-            bad_reply_to = getattr(exc, "field", None) == "reply_to"
-            reply_to = None if bad_reply_to else _reply_to(value, exc)
-            self._spawn(self._dead_letter(tp, offset, key, value, exc, reply_to=reply_to))
-            return
-        pending = Pending(task, prepared, tp, offset, received_s, received_ms, key, value)
-        deadline_s = None
-        if task.deadline_ms is not None:
-            deadline_s = received_s + (task.deadline_ms - received_ms) / 1000.0
-            if deadline_s <= received_s:  # already past its deadline: never reaches the model
-                self._on_expired([QueuedTask(pending, received_s, deadline_s)])
+                rejected.append((offset, record.key, value, exc))
+                continue
+            valid.append(Pending(task, prepared, tp, offset, received_s, received_ms, record.key, value))
+        # NaN/inf: one vectorised check of what the model would see (the prepared rows), per poll
+        if valid and not all_finite([p.prepared for p in valid if type(p.prepared) is np.ndarray]):
+            valid = self._reject_non_finite(valid, rejected)
+        if rejected:
+            self._spawn(self._dead_letters(tp, rejected))
+        for pending in valid:
+            self._admit(pending, model)
+
+    def _wrong_model(self, task: Task, topic: str, model: str | None) -> UnknownModelError:
+        if task.model != model:
+            return UnknownModelError(
+                f"task names model {task.model!r} but arrived on {topic!r}, the topic of model {model!r}; "
+                f"publish it to {self.names.tasks(task.model)!r}",
+                task_id=task.id, model=task.model,
+            )
+        return UnknownModelError(f"model {model!r} is not served by this worker (serves {sorted(self.runners)})",
+                                 task_id=task.id, model=task.model)
+
+    @staticmethod
+    def _reject_non_finite(valid: list[Pending], rejected: list) -> list[Pending]:
+        """The poll's vectorised check failed: find the tasks with NaN/inf, task by task."""
+        keep = []
+        for p in valid:
+            if type(p.prepared) is np.ndarray and not all_finite([p.prepared]):
+                rejected.append((p.offset, p.key, p.value, TensorError(
+                    "inputs.data", "finite numbers", "NaN or inf", task_id=p.task.id, model=p.task.model)))
+            else:
+                keep.append(p)
+        return keep
+
+    def _admit(self, pending: Pending, model: str | None) -> None:
+        """Queue a valid task for its model, once its ``reply_to`` topic is known to exist."""
+        task = pending.task
+        if task.reply_to is not None and self._topics is not None:
+            known = self._topics.cached(task.reply_to)
+            if known is None:  # ask the broker in the background; the record loop goes on
+                waiting = self._awaiting_topic.get(task.reply_to)
+                if waiting is None:
+                    self._awaiting_topic[task.reply_to] = [pending]
+                    self._spawn(self._check_reply_to(task.reply_to))
+                else:
+                    waiting.append(pending)
                 return
-        self.batchers[model].put(pending, priority=task.priority, deadline_s=deadline_s)
+            if not known:
+                self._reject_reply_to(pending)
+                return
+        if task.deadline_ms is not None:
+            received_s = pending.received_s
+            pending.deadline_s = received_s + (task.deadline_ms - pending.received_ms) / 1000.0
+            if pending.deadline_s <= received_s:  # already past its deadline: never reaches the model
+                self._on_expired([QueuedTask(pending, received_s, pending.deadline_s)])
+                return
+        self.batchers[model].put(pending, priority=task.priority, deadline_s=pending.deadline_s)
+
+    async def _check_reply_to(self, topic: str) -> None:
+        assert self._topics is not None
+        try:
+            await self._topics.exists(topic)
+        finally:
+            for pending in self._awaiting_topic.pop(topic, []):
+                if self._topics.cached(topic):
+                    self._admit(pending, pending.task.model)
+                else:
+                    self._reject_reply_to(pending)
+
+    def _reject_reply_to(self, pending: Pending) -> None:
+        exc = EventValidationError("reply_to", "an existing topic", pending.task.reply_to,
+                                   task_id=pending.task.id, model=pending.task.model)
+        self._spawn(self._dead_letters(pending.partition, [(pending.offset, pending.key, pending.value, exc)]))
 
     def configure(self, model: str | None = None, **params: Any) -> list[str]:
         """Re-tune the batching of one model (or all): ``latency_target_s``, ``max_batch_size``,
@@ -390,7 +498,7 @@ class TaskPipeline:
             )
             for p in batch
         ]
-        self._spawn(self._deliver(batch, results))
+        self._spawn(self._settle([self._records_of(p, r, encode_result(r)) for p, r in zip(batch, results)]))
 
     # -- batches --------------------------------------------------------------
 
@@ -407,11 +515,10 @@ class TaskPipeline:
         policy = self.policies[model]
         # a backlog: tasks left in the queue here, or (a stream-bound pipeline, whose queue stays
         # short) the last batch missed its target, so tasks are waiting upstream in Kafka
-        backlog = len(self.batchers[model]) > 0 or getattr(policy, "over_target", False)
+        backlog = len(self.batchers[model]) > 0 or policy.over_target
         if previous is not None and backlog:  # a backlog before and now: the cycle time is the cost
             policy.observe_cycle(previous[1], start_s - previous[0], previous[2])
-        asked = getattr(policy, "last_target_size", len(batch))
-        self._saturated[model] = (start_s, len(batch), asked) if backlog else None
+        self._saturated[model] = (start_s, len(batch), policy.last_target_size) if backlog else None
         try:
             outcomes = await runner.run_isolated([p.prepared for p in batch], timeout_s=self.inference_timeout_s)
         except ModelError as exc:  # the runner itself is unusable (closed): every task gets the error
@@ -419,99 +526,129 @@ class TaskPipeline:
             outcomes = [_Failed(model, ErrorInfo(exc.code, str(exc)))] * len(batch)
         inference_s = self.clock() - start_s
         self.counters.batches += 1
-        finished_ms = now_ms()
-        results = []
-        for p, outcome in zip(batch, outcomes):
-            error = None if outcome.ok else ErrorInfo(outcome.error.code, outcome.error.message)
-            results.append(
-                Result(
-                    id=p.task.id,
-                    model=model,
-                    status="ok" if outcome.ok else "error",
-                    outputs=outcome.output if outcome.ok else None,
-                    error=error,
-                    batch_size=len(batch),
-                    worker=self.worker_id,
-                    queue_ms=(start_s - p.received_s) * 1000.0,
-                    inference_ms=inference_s * 1000.0,
-                    end_to_end_ms=float(max(0, finished_ms - (p.task.created_ms or p.received_ms))),
-                    attributes=p.task.attributes,
-                    served_by=outcome.served_by,
-                )
-            )
-        failed = [(p, r) for p, r in zip(batch, results) if r.status == "error"]
+        groups, latencies_s, failed = self._encode_batch(model, batch, outcomes, start_s, inference_s)
         if failed:
             log.error("model %s: %d of %d tasks failed (%s)", model, len(failed), len(batch),
-                      ", ".join(sorted({r.error.code for _, r in failed})))
+                      ", ".join(sorted(failed)))
         # the cost model learns from clean batches only: bisection, retries and timeouts inflate the time
-        self._observe(model, batch, results, start_s, inference_s, learn=not failed)
-        self._spawn(self._deliver(batch, results))
+        self._observe(model, batch, latencies_s, start_s, inference_s, learn=not failed)
+        self._spawn(self._settle(groups))
 
-    def _observe(self, model: str, batch: list[Pending], results: list[Result], start_s: float,
-                 inference_s: float, *, learn: bool) -> None:
-        policy = self.policies[model]
-        if learn:
-            policy.observe(self.clock(), len(batch), inference_s, [r.end_to_end_ms / 1000.0 for r in results])
-        self.metrics.observe_batch(model, len(batch), inference_s, [start_s - p.received_s for p in batch])
-        self.windows[model].observe_batch(len(batch), [r.end_to_end_ms / 1000.0 for r in results])
-        service = getattr(policy, "service", None)
-        if service is not None:
-            est = service.estimate
-            self.metrics.set_policy_state(model, a_s=est.a_s, b_s=est.b_s, sigma_s=est.sigma_s,
-                                          target_size=policy.last_target_size, correction=policy.correction)
+    def _encode_batch(self, model: str, batch: list[Pending], outcomes: Sequence[Any], start_s: float,
+                      inference_s: float) -> tuple[list[tuple[Hashable, int, list[Record]]], list[float], set[str]]:
+        """Results of one batch as records: the ``ok`` ones through one :class:`BatchResultEncoder`.
 
-    async def _deliver(self, batch: list[Pending], results: list[Result]) -> None:
+        Returns:
+            ``(groups, latencies_s, failed_codes)``: one ``(partition, offset, records)``
+            per task, each task's end-to-end latency, the error codes of failed tasks.
+        """
+        finished_ms = now_ms()
+        inference_ms = inference_s * 1000.0
+        served_by = outcomes[0].served_by if outcomes else model
+        encoder = BatchResultEncoder(model, self.worker_id, len(batch), inference_ms, served_by)
+        outputs_ok = all_finite([o.output for o in outcomes if o.ok and type(o.output) is np.ndarray])
         groups: list[tuple[Hashable, int, list[Record]]] = []
-        for pending, result in zip(batch, results):
-            records: list[Record] = []
-            groups.append((pending.partition, pending.offset, records))
-            try:
-                value = encode_result(result)
-            except TensorError as exc:  # NaN/inf from the model: never emitted
-                result = dataclasses.replace(result, status="error", outputs=None, error=ErrorInfo("invalid_output", str(exc)))
-                value = encode_result(result)
-            if self.max_result_bytes is not None and len(value) > self.max_result_bytes:
-                self.counters.oversized_results += 1
-                result = dataclasses.replace(result, status="error", outputs=None, error=ErrorInfo(
-                    "result_too_large", f"result is {len(value)} bytes, above max_result_bytes="
-                                        f"{self.max_result_bytes} (AUTOGLM_MAX_RESULT_BYTES)"))
-                value = encode_result(result)
+        latencies_s: list[float] = []
+        failed: set[str] = set()
+        ok = 0
+        max_result_bytes = self.max_result_bytes
+        for p, outcome in zip(batch, outcomes):
+            task = p.task
+            e2e_ms = float(max(0, finished_ms - (task.created_ms or p.received_ms)))
+            latencies_s.append(e2e_ms / 1000.0)
+            queue_ms = (start_s - p.received_s) * 1000.0
+            value = None
+            if outcome.ok and type(outcome.output) is np.ndarray and outcome.served_by == served_by and (
+                    outputs_ok or all_finite([outcome.output])):
+                try:
+                    value = encoder.encode(task.id, outcome.output, queue_ms, e2e_ms, task.attributes)
+                except TensorError:
+                    value = None
+            if value is not None and (max_result_bytes is None or len(value) <= max_result_bytes):
+                ok += 1
+                groups.append(self._records_of(p, None, value))
+                continue
+            # the rare paths: an error, an output that cannot be sent, a result too large, a mixed batch
+            result = Result(
+                id=task.id, model=model, status="ok" if outcome.ok else "error",
+                outputs=outcome.output if outcome.ok else None,
+                error=None if outcome.ok else ErrorInfo(outcome.error.code, outcome.error.message),
+                batch_size=len(batch), worker=self.worker_id, queue_ms=queue_ms, inference_ms=inference_ms,
+                end_to_end_ms=e2e_ms, attributes=task.attributes, served_by=outcome.served_by,
+            )
+            result, value = self._encode_checked(result)
             if result.status == "ok":
-                self.counters.results_ok += 1
-            elif result.status == "expired":
-                self.counters.results_expired += 1
+                ok += 1
             else:
+                failed.add(result.error.code)
+            groups.append(self._records_of(p, result, value))
+        if ok:
+            self.counters.results_ok += ok
+            self.metrics.count_tasks(model, "ok", ok)
+        return groups, latencies_s, failed
+
+    def _encode_checked(self, result: Result) -> tuple[Result, bytes]:
+        """Encode one result; NaN/inf outputs and oversized results become error results."""
+        try:
+            value = encode_result(result)
+        except TensorError as exc:  # NaN/inf from the model, or a dtype the wire has not: never emitted
+            result = dataclasses.replace(result, status="error", outputs=None,
+                                         error=ErrorInfo("invalid_output", str(exc)))
+            value = encode_result(result)
+        if self.max_result_bytes is not None and len(value) > self.max_result_bytes:
+            self.counters.oversized_results += 1
+            result = dataclasses.replace(result, status="error", outputs=None, error=ErrorInfo(
+                "result_too_large", f"result is {len(value)} bytes, above max_result_bytes="
+                                    f"{self.max_result_bytes} (AUTOGLM_MAX_RESULT_BYTES)"))
+            value = encode_result(result)
+        return result, value
+
+    def _records_of(self, pending: Pending, result: Result | None, value: bytes) -> tuple[Hashable, int, list[Record]]:
+        """The records answering one task: its result (``result`` None: an ``ok`` one, counted by
+        the caller), and a dead letter with its bytes when the model failed on it alone."""
+        task = pending.task
+        records: list[Record] = [(task.reply_to or self.names.results, task.id.encode(), value, [])]
+        if result is not None:
+            if result.status == "expired":
+                self.counters.results_expired += 1
+            elif result.status == "error":
                 self.counters.results_error += 1
-            self.metrics.count_tasks(result.model, result.status)
-            topic = pending.task.reply_to or self.names.results
-            records.append((topic, result.id.encode(), value, []))
+            if result.status != "ok":
+                self.metrics.count_tasks(result.model, result.status)
             if result.status == "error" and result.error is not None and result.error.code == "inference":
                 # this task made the model fail on its own (isolated by bisection): keep its bytes
                 self.counters.isolated_failures += 1
                 self.counters.dead_letters += 1
                 records.append((self.names.dlq, pending.key, pending.value, self._dlq_headers(
                     pending.partition, pending.offset, result.error.code, result.error.message)))
-        await self._settle(groups)
+        return pending.partition, pending.offset, records
 
-    async def _dead_letter(
-        self, tp: Hashable, offset: int, key: bytes | None, value: bytes | None, exc: EventError, reply_to: str | None
-    ) -> None:
-        self.counters.dead_letters += 1
+    def _observe(self, model: str, batch: list[Pending], latencies_s: list[float], start_s: float,
+                 inference_s: float, *, learn: bool) -> None:
+        policy = self.policies[model]
+        if learn:
+            policy.observe(self.clock(), len(batch), inference_s, latencies_s)
+        self.metrics.observe_batch(model, len(batch), inference_s, [start_s - p.received_s for p in batch])
+        self.windows[model].observe_batch(len(batch), latencies_s)
+        self.metrics.set_policy_figures(model, policy.figures())
+
+    async def _dead_letters(self, tp: Hashable, rejected: list[tuple[int, bytes | None, bytes | None, EventError]]) -> None:
+        """Dead-letter records (and ``rejected`` results when the id is readable) for invalid tasks."""
         topic_model = self.names.model_of(tp[0]) if isinstance(tp, tuple) else None
-        self.metrics.count_tasks(topic_model or "unknown", "rejected")  # never a label from the payload
-        log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
-        headers = self._dlq_headers(tp, offset, exc.code, str(exc))
-        records: list[Record] = [(self.names.dlq, key, value, headers)]
-        if exc.task_id:
-            rejected = Result(
-                id=exc.task_id,
-                model=exc.model or "",
-                status="rejected",
-                error=ErrorInfo(exc.code, str(exc)),
-                worker=self.worker_id,
-            )
-            records.append((reply_to or self.names.results, exc.task_id.encode(), encode_result(rejected), []))
-        await self._settle([(tp, offset, records)])
+        groups: list[tuple[Hashable, int, list[Record]]] = []
+        for offset, key, value, exc in rejected:
+            self.counters.dead_letters += 1
+            log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
+            records: list[Record] = [(self.names.dlq, key, value, self._dlq_headers(tp, offset, exc.code, str(exc)))]
+            if exc.task_id:
+                reply_to = None if getattr(exc, "field", None) == "reply_to" else _reply_to(value, exc)
+                rejected_result = Result(id=exc.task_id, model=exc.model or "", status="rejected",
+                                         error=ErrorInfo(exc.code, str(exc)), worker=self.worker_id)
+                records.append((reply_to or self.names.results, exc.task_id.encode(),
+                                encode_result(rejected_result), []))
+            groups.append((tp, offset, records))
+        self.metrics.count_tasks(topic_model or "unknown", "rejected", len(rejected))  # never a label from the payload
+        await self._settle(groups)
 
     def _dlq_headers(self, tp: Hashable, offset: int, code: str, message: str) -> Headers:
         topic, partition = tp if isinstance(tp, tuple) else (str(tp), -1)
@@ -525,15 +662,16 @@ class TaskPipeline:
         ]
 
     async def _settle(self, groups: list[tuple[Hashable, int, list[Record]]]) -> None:
-        """Deliver the records of finished tasks (one group per consumed offset), then release
-        their offsets in order and free their in-flight slots.
+        """Deliver the records of finished tasks (one group per consumed offset), then advance
+        the commit positions of their partitions and free their in-flight slots.
 
-        At-least-once: produce every record, wait for the broker's acks, then
-        acknowledge the offsets (faust commits them). Exactly-once (a
-        ``transact`` callable was given): a task's records wait until every
-        earlier offset of its partition is finished too, then go out in one
-        Kafka transaction together with the offsets they complete, so results
-        and commits become visible together or not at all.
+        At-least-once: produce every record (one record batch per destination
+        partition), wait for the broker's acks, then advance the commit
+        positions. Exactly-once (a ``transact`` callable was given): a task's
+        records wait until every earlier offset of its partition is finished
+        too, then go out in one Kafka transaction together with the offsets
+        they complete, so results and commits become visible together or not
+        at all.
 
         A record that cannot be delivered is fatal: its task must not be
         committed, so the worker stops and the task is consumed again.
@@ -543,35 +681,37 @@ class TaskPipeline:
             return
         records = [record for _, _, recs in groups for record in recs]
         try:
-            async def produce_all() -> None:
-                acks = [await self._send(topic, key, value, headers) for topic, key, value, headers in records]
-                await asyncio.gather(*acks)
-
-            await asyncio.wait_for(produce_all(), self.delivery_timeout_s)
+            await asyncio.wait_for(self._produce(records), self.delivery_timeout_s)
         except Exception as exc:
             log.critical("could not deliver %d records; stopping so they are consumed again: %r", len(records), exc)
             self._on_fatal(exc)
             return
+        positions: dict[Hashable, int] = {}
+        slots = 0
+        tracker = self.tracker
         for tp, offset, _ in groups:
-            for _, token in self.tracker.done(tp, offset):
-                self._ack(token)
-        self.limiter.release(len(groups))
+            if not tracker.tracks(tp, offset):
+                continue  # its partition was revoked (its slot was freed then): nothing to commit here
+            slots += 1
+            released = tracker.done(tp, offset)
+            if released:
+                positions[tp] = released[-1] + 1
+        for tp, position in positions.items():
+            self._ack(tp, position)
+        self.limiter.release(slots)
 
     async def _settle_transactional(self, groups: list[tuple[Hashable, int, list[Record]]]) -> None:
         assert self._transact is not None
         released: list[Record] = []
         offsets: dict[Hashable, int] = {}
-        tokens: list[Any] = []
         slots = 0
         for tp, offset, records in groups:
             if not self.tracker.tracks(tp, offset):
-                slots += 1  # its partition was revoked: nothing is committed here, the new owner serves it
-                continue
+                continue  # its partition was revoked: nothing is committed here, the new owner serves it
             self._held[(tp, offset)] = records
-            for done_offset, token in self.tracker.done(tp, offset):
+            for done_offset in self.tracker.done(tp, offset):
                 released.extend(self._held.pop((tp, done_offset)))
                 offsets[tp] = done_offset + 1
-                tokens.append(token)
                 slots += 1
         if offsets:
             try:
@@ -582,8 +722,8 @@ class TaskPipeline:
                 self._on_fatal(exc)
                 return
             self.counters.transactions += 1
-        for token in tokens:  # committed already; faust's own later commit of the same offsets is a no-op
-            self._ack(token)
+        for tp, position in offsets.items():  # committed already; a later commit of the same offsets is a no-op
+            self._ack(tp, position)
         self.limiter.release(slots)
 
     def _spawn(self, coro: Awaitable[None]) -> None:

@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from autoglm.errors import BrokerError
+from autoglm.streams.producer import PartitionCounts, deliver
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ class TransactionalSettler:
         self._producer_kwargs = dict(
             bootstrap_servers=bootstrap_servers, transactional_id=transactional_id, enable_idempotence=True,
             acks="all", linger_ms=1, max_request_size=max_request_size,
+            max_batch_size=min(1024 * 1024, max_request_size),
             transaction_timeout_ms=int(transaction_timeout_s * 1000), **(client_kwargs or {}),
         )
         self._producer: AIOKafkaProducer | None = None  # made on start: aiokafka needs the running loop
+        self._counts: PartitionCounts | None = None
         self._queue: list[tuple[list[Record], dict[Hashable, int], asyncio.Future]] = []
         self._wakeup = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -88,6 +91,7 @@ class TransactionalSettler:
                 f"exactly_once delivery needs a broker with transactions (Apache Kafka); initialising "
                 f"transactional id {self.transactional_id!r} failed: {exc!r}"
             ) from exc
+        self._counts = PartitionCounts(self._producer)
         self._loop_task = asyncio.ensure_future(self._run())
 
     async def stop(self) -> None:
@@ -154,7 +158,5 @@ class TransactionalSettler:
     async def _commit(self, records: list[Record], offsets: dict[TopicPartition, int]) -> None:
         assert self._producer is not None
         async with self._producer.transaction():
-            acks = [await self._producer.send(topic, value, key=key, headers=headers or None)
-                    for topic, key, value, headers in records]
-            await asyncio.gather(*acks)
+            await deliver(self._producer, self._counts, records)  # one record batch per partition
             await self._producer.send_offsets_to_transaction(offsets, self.group_id)

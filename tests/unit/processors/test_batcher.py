@@ -273,7 +273,7 @@ async def test_tasks_keep_fifo_order() -> None:
 
 
 async def test_stop_flush_hands_every_queued_task_to_the_handler() -> None:
-    batcher, rec, vt = virtual_batcher(2, 100.0)
+    batcher, rec, vt = virtual_batcher(2, 50.0)
     batcher.start()
     for i in range(5):
         batcher.put(i)
@@ -282,7 +282,7 @@ async def test_stop_flush_hands_every_queued_task_to_the_handler() -> None:
     assert len(batcher) == 1
     await batcher.stop(flush=True)
     assert rec.items == [[0, 1], [2, 3], [4]]
-    assert rec.times[-1] == TICK          # flushed at stop, not at the 100 s deadline
+    assert rec.times[-1] == TICK          # flushed at stop, not at the 50 s deadline
     assert len(batcher) == 0
     # the loop is gone: nothing flushes any more
     batcher.put(5)
@@ -291,7 +291,7 @@ async def test_stop_flush_hands_every_queued_task_to_the_handler() -> None:
 
 
 async def test_stop_flush_without_start_splits_by_max_batch_size() -> None:
-    batcher, rec, _ = jump_batcher(2, 100.0)
+    batcher, rec, _ = jump_batcher(2, 50.0)
     for i in range(5):
         batcher.put(i)
     await batcher.stop(flush=True)
@@ -408,8 +408,8 @@ def test_batching_property(max_batch_size: int, wait_ticks: int, arrivals: list[
 
 
 async def test_flushing_sends_a_partial_batch_at_once_instead_of_waiting_for_max_wait():
-    """A drain sets flushing: three tasks of a fixed 64/1000 s batcher go to the model now."""
-    batcher, rec, vt = virtual_batcher(64, 1000.0)
+    """A drain sets flushing: three tasks of a fixed 64/50 s batcher go to the model now."""
+    batcher, rec, vt = virtual_batcher(64, 50.0)
     batcher.start()
     for i in range(3):
         batcher.put(i)

@@ -1,8 +1,9 @@
 """Unit tests of the per-record path (streams/pipeline.py) with fakes: no broker, no model thread.
 
-The pipeline knows Kafka only through ``send`` and ``ack``; here ``send``
-records what would be produced and returns a future the test completes (the
-broker's acknowledgement), and ``ack`` records tokens (the consumer's commit).
+The pipeline knows Kafka only through ``produce`` and ``ack``; here ``produce``
+records what would be produced, one future per record that the test completes
+(the broker's acknowledgement), and ``ack`` (a partition's commit position)
+records the tokens the test gave the offsets it passed (:func:`feed`).
 The clock is a constant and the policy never waits (``max_wait_s=0``), so
 nothing sleeps.
 """
@@ -109,6 +110,7 @@ class FakeBroker:
     auto_ack: bool = True
     sent: list[Sent] = field(default_factory=list)
     acked: list[Any] = field(default_factory=list)
+    positions: dict[Any, int] = field(default_factory=dict)
 
     async def send(self, topic: str, key: bytes | None, value: bytes | None, headers: list) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
@@ -117,8 +119,16 @@ class FakeBroker:
         self.sent.append(Sent(topic, key, value, list(headers), fut))
         return fut
 
-    def ack(self, token: Any) -> None:
-        self.acked.append(token)
+    async def produce(self, records: list) -> None:
+        await as_produce(self.send)(records)
+
+    def ack(self, tp: Any, next_offset: int) -> None:
+        """The commit position of ``tp`` moved to ``next_offset``: the tokens of the offsets it passed."""
+        topic, partition = tp
+        start = self.positions.get(tp, min(o for (t, p, o) in TOKENS if (t, p) == (topic, partition)))
+        assert next_offset > start, "a commit position never moves back"
+        self.acked += [TOKENS[(topic, partition, o)] for o in range(start, next_offset) if (topic, partition, o) in TOKENS]
+        self.positions[tp] = next_offset
 
     def on(self, topic: str) -> list[Sent]:
         return [s for s in self.sent if s.topic == topic]
@@ -129,6 +139,56 @@ class FakeBroker:
     def dead_letter_at(self, offset: int) -> Sent:
         (found,) = [s for s in self.on(DLQ) if s.header_map[DLQ_HEADER_OFFSET] == str(offset).encode()]
         return found
+
+
+#: (topic, partition, offset) -> the token a test gave the record (what FakeBroker.ack reports)
+TOKENS: dict[tuple[str, int, int], Any] = {}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tokens():
+    TOKENS.clear()
+    yield
+    TOKENS.clear()
+
+
+@dataclass
+class Rec:
+    """A consumed record as the pipeline reads it (aiokafka's ConsumerRecord has these)."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+async def feed(pipeline: TaskPipeline, topic: str, partition: int, offset: int, key: bytes | None,
+               value: bytes | None, token: Any) -> None:
+    """Hand one record to the pipeline as a poll of one record would; ``token`` names it in ``acked``."""
+    TOKENS[(topic, partition, offset)] = token
+    pipeline.on_records(topic, partition, [Rec(offset, key, value)])  # synchronous: one poll's records
+
+
+def as_produce(send):
+    """A per-record ``send(topic, key, value, headers) -> ack future`` fake as the pipeline's ``produce``."""
+    async def produce(records: list) -> None:
+        acks = [await send(topic, key, value, headers) for topic, key, value, headers in records]
+        await asyncio.gather(*acks)
+
+    return produce
+
+
+class Topics:
+    """A ``reply_to`` checker over an ``async exists(name)`` function, caching its answers."""
+
+    def __init__(self, exists):
+        self._exists, self.known = exists, {}
+
+    def cached(self, topic: str) -> bool | None:
+        return self.known.get(topic)
+
+    async def exists(self, topic: str) -> bool:
+        self.known[topic] = await self._exists(topic)
+        return self.known[topic]
 
 
 async def settle(times: int = 30) -> None:
@@ -144,7 +204,7 @@ def make_pipeline(broker: FakeBroker, *, max_in_flight: int = 100, on_fatal: Any
         worker_id="w-test",
         runners={"toy": runner},
         policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
-        send=broker.send,
+        produce=broker.produce,
         ack=broker.ack,
         max_in_flight=max_in_flight,
         on_fatal=on_fatal,
@@ -178,7 +238,7 @@ async def test_valid_tasks_get_ok_results() -> None:
     pipeline, runner = make_pipeline(broker)
     inputs = {"a": rows(1), "b": rows(2, n=2), "c": rows(3)}
     for offset, (task_id, x) in enumerate(inputs.items()):
-        await pipeline.on_record(TOPIC, 0, offset, task_id.encode(), task_bytes(task_id, x), f"tok{offset}")
+        await feed(pipeline, TOPIC, 0, offset, task_id.encode(), task_bytes(task_id, x), f"tok{offset}")
     await pipeline.stop()
 
     assert runner.batch_sizes == [3]
@@ -202,7 +262,7 @@ async def test_batches_are_capped_at_max_batch_size() -> None:
     broker = FakeBroker()
     pipeline, runner = make_pipeline(broker)
     for offset in range(6):
-        await pipeline.on_record(TOPIC, 0, offset, None, task_bytes(f"t{offset}", rows(offset)), offset)
+        await feed(pipeline, TOPIC, 0, offset, None, task_bytes(f"t{offset}", rows(offset)), offset)
     await pipeline.stop()
     assert runner.batch_sizes == [4, 2]
     sizes = {k: r.batch_size for k, r in broker.results_by_id().items()}
@@ -213,7 +273,7 @@ async def test_batches_are_capped_at_max_batch_size() -> None:
 async def test_attributes_pass_through() -> None:
     broker = FakeBroker()
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a", attributes={"user": "u1"}), 0)
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a", attributes={"user": "u1"}), 0)
     await pipeline.stop()
     assert broker.results_by_id()["a"].attributes == {"user": "u1"}
 
@@ -223,8 +283,8 @@ async def test_non_finite_outputs_become_an_error_result() -> None:
     broker = FakeBroker()
     pipeline, _ = make_pipeline(broker)
     huge = np.full((1, 4), 3e38, dtype=np.float32)  # doubled: inf in float32
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("big", huge), "t0")
-    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("fine", rows(1)), "t1")
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("big", huge), "t0")
+    await feed(pipeline, TOPIC, 0, 1, None, task_bytes("fine", rows(1)), "t1")
     await pipeline.stop()
     results = broker.results_by_id()
     assert results["big"].status == "error"
@@ -249,7 +309,7 @@ async def test_malformed_records_are_dead_lettered_and_the_rest_is_served() -> N
         (b"k5", task_bytes("f", rows(5, n=2))),                              # ok
     ]
     for offset, (key, value) in enumerate(records):
-        await pipeline.on_record(TOPIC, 3, 100 + offset, key, value, 100 + offset)
+        await feed(pipeline, TOPIC, 3, 100 + offset, key, value, 100 + offset)
     await pipeline.stop()
 
     expected_codes = {101: "decode", 102: "input_signature", 103: "schema", 104: "unknown_model"}
@@ -286,8 +346,8 @@ async def test_malformed_records_are_dead_lettered_and_the_rest_is_served() -> N
 async def test_tombstone_and_text_inputs_are_dead_lettered() -> None:
     broker = FakeBroker()
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record(TOPIC, 0, 0, b"k", None, "t0")
-    await pipeline.on_record(TOPIC, 0, 1, None, raw_task(id="txt", inputs="hello"), "t1")
+    await feed(pipeline, TOPIC, 0, 0, b"k", None, "t0")
+    await feed(pipeline, TOPIC, 0, 1, None, raw_task(id="txt", inputs="hello"), "t1")
     await pipeline.stop()
     assert broker.dead_letter_at(0).value is None
     assert broker.dead_letter_at(0).header_map[DLQ_HEADER_CODE] == b"decode"
@@ -299,7 +359,7 @@ async def test_tombstone_and_text_inputs_are_dead_lettered() -> None:
 async def test_task_for_a_model_not_served_here() -> None:
     broker = FakeBroker()
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record("t.tasks.other", 0, 0, None, raw_task(id="o", model="other"), "t0")
+    await feed(pipeline, "t.tasks.other", 0, 0, None, raw_task(id="o", model="other"), "t0")
     await pipeline.stop()
     dead = broker.dead_letter_at(0)
     assert dead.header_map[DLQ_HEADER_CODE] == b"unknown_model"
@@ -314,9 +374,9 @@ async def test_task_for_a_model_not_served_here() -> None:
 async def test_commit_after_produce_in_offset_order() -> None:
     broker = FakeBroker(auto_ack=False)
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "tok0")
-    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("b"), "tok1")
-    await pipeline.on_record(TOPIC, 0, 2, None, b"garbage", "tok2")
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a"), "tok0")
+    await feed(pipeline, TOPIC, 0, 1, None, task_bytes("b"), "tok1")
+    await feed(pipeline, TOPIC, 0, 2, None, b"garbage", "tok2")
     await settle()
 
     result_a, result_b = broker.on(RESULTS)
@@ -341,7 +401,7 @@ async def test_commit_after_produce_in_offset_order() -> None:
 async def test_dead_letter_commits_after_both_its_records_are_acknowledged() -> None:
     broker = FakeBroker(auto_ack=False)
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record(TOPIC, 0, 7, None, task_bytes("bad", np.zeros((2, 5), np.float32)), "tok7")
+    await feed(pipeline, TOPIC, 0, 7, None, task_bytes("bad", np.zeros((2, 5), np.float32)), "tok7")
     await settle()
     (dead,) = broker.on(DLQ)
     (rejected,) = broker.on(RESULTS)
@@ -358,8 +418,8 @@ async def test_dead_letter_commits_after_both_its_records_are_acknowledged() -> 
 async def test_partitions_commit_independently() -> None:
     broker = FakeBroker(auto_ack=False)
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record(TOPIC, 0, 0, None, b"bad-0", "p0-0")
-    await pipeline.on_record(TOPIC, 1, 0, None, b"bad-1", "p1-0")
+    await feed(pipeline, TOPIC, 0, 0, None, b"bad-0", "p0-0")
+    await feed(pipeline, TOPIC, 1, 0, None, b"bad-1", "p1-0")
     await settle()
     dead0, dead1 = broker.on(DLQ)
     dead1.ack.set_result(None)
@@ -376,7 +436,7 @@ async def test_failed_delivery_is_fatal_and_never_committed() -> None:
     broker = FakeBroker(auto_ack=False)
     fatal: list[BaseException] = []
     pipeline, _ = make_pipeline(broker, on_fatal=fatal.append)
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "tok0")
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a"), "tok0")
     await settle()
     (result,) = broker.on(RESULTS)
     boom = BrokerError("not enough replicas")
@@ -390,7 +450,7 @@ async def test_failed_delivery_is_fatal_and_never_committed() -> None:
 async def test_revoked_partition_is_not_committed() -> None:
     broker = FakeBroker(auto_ack=False)
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record(TOPIC, 0, 0, None, b"bad", "tok0")
+    await feed(pipeline, TOPIC, 0, 0, None, b"bad", "tok0")
     await settle()
     pipeline.revoke([(TOPIC, 0)])
     broker.on(DLQ)[0].ack.set_result(None)
@@ -406,8 +466,8 @@ async def test_revoked_partition_is_not_committed() -> None:
 async def test_reply_to_routes_the_result() -> None:
     broker = FakeBroker()
     pipeline, _ = make_pipeline(broker)
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a", reply_to="client-1.replies"), "t0")
-    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("b"), "t1")
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a", reply_to="client-1.replies"), "t0")
+    await feed(pipeline, TOPIC, 0, 1, None, task_bytes("b"), "t1")
     await pipeline.stop()
     assert [s.key for s in broker.on("client-1.replies")] == [b"a"]
     assert broker.on("client-1.replies")[0].result().status == "ok"
@@ -418,8 +478,8 @@ async def test_reply_to_routes_a_rejected_result_but_not_the_dead_letter() -> No
     broker = FakeBroker()
     pipeline, _ = make_pipeline(broker)
     bad = task_bytes("r", np.zeros((1, 3), np.float32), reply_to="client-1.replies")
-    await pipeline.on_record(TOPIC, 0, 0, b"k", bad, "t0")
-    await pipeline.on_record(TOPIC, 0, 1, None, raw_task(id="q", reply_to="no spaces allowed"), "t1")
+    await feed(pipeline, TOPIC, 0, 0, b"k", bad, "t0")
+    await feed(pipeline, TOPIC, 0, 1, None, raw_task(id="q", reply_to="no spaces allowed"), "t1")
     await pipeline.stop()
     assert broker.dead_letter_at(0).value == bad
     assert broker.dead_letter_at(1).header_map[DLQ_HEADER_CODE] == b"invalid_field"
@@ -432,25 +492,39 @@ async def test_reply_to_routes_a_rejected_result_but_not_the_dead_letter() -> No
 
 
 async def test_backpressure_at_max_in_flight() -> None:
+    """At the cap the pipeline asks for nothing more (the consumer pauses); slots come back only when
+    results are acknowledged, and ``wait_capacity`` wakes the consumer then."""
     broker = FakeBroker(auto_ack=False)
     pipeline, _ = make_pipeline(broker, max_in_flight=2)
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "tok0")
-    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("b"), "tok1")
-    third = asyncio.create_task(pipeline.on_record(TOPIC, 0, 2, None, task_bytes("c"), "tok2"))
+    assert pipeline.capacity == 2
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a"), "tok0")
+    await feed(pipeline, TOPIC, 0, 1, None, task_bytes("b"), "tok1")
     await settle()
-    assert not third.done()
-    assert pipeline.limiter.in_flight == 2
-    assert [s.key for s in broker.sent] == [b"a", b"b"]     # c was not even received
+    assert pipeline.capacity == 0 and pipeline.limiter.in_flight == 2
+    waiting = asyncio.create_task(pipeline.wait_capacity(1, timeout_s=30.0))
+    await settle()
+    assert not waiting.done()
+    assert [s.key for s in broker.sent] == [b"a", b"b"]
 
     for sent in broker.sent:
         sent.ack.set_result(None)
     await settle()
-    assert third.done()
+    assert waiting.done() and pipeline.capacity == 2
     assert broker.acked == ["tok0", "tok1"]
-    assert [s.key for s in broker.sent] == [b"a", b"b", b"c"]
+    await feed(pipeline, TOPIC, 0, 2, None, task_bytes("c"), "tok2")
+    await settle()
     broker.sent[-1].ack.set_result(None)
     await pipeline.stop()
     assert broker.acked == ["tok0", "tok1", "tok2"]
+
+
+async def test_wait_capacity_returns_after_its_timeout_when_nothing_frees() -> None:
+    broker = FakeBroker(auto_ack=False)
+    pipeline, _ = make_pipeline(broker, max_in_flight=1)
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a"), "tok0")
+    await asyncio.wait_for(pipeline.wait_capacity(1, timeout_s=0.02), 2.0)
+    assert pipeline.capacity == 0
+    await pipeline.stop(timeout_s=0.1)
 
 
 # -- bugs ---------------------------------------------------------------------------------------
@@ -461,8 +535,8 @@ async def test_impossible_tensor_shape_is_dead_lettered() -> None:
     pipeline, _ = make_pipeline(broker)
     value = raw_task(id="h", inputs={"dtype": "float32", "shape": [0, 2**62], "data": ""})
     try:
-        await pipeline.on_record(TOPIC, 0, 0, None, value, "t0")
-        await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("ok"), "t1")
+        await feed(pipeline, TOPIC, 0, 0, None, value, "t0")
+        await feed(pipeline, TOPIC, 0, 1, None, task_bytes("ok"), "t1")
     finally:
         await pipeline.stop(timeout_s=1.0)
     assert broker.dead_letter_at(0).header_map[DLQ_HEADER_CODE] == b"invalid_tensor"
@@ -482,10 +556,10 @@ async def test_send_that_raises_is_fatal() -> None:
     pipeline = TaskPipeline(
         names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
         policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
-        send=send, ack=broker.ack, max_in_flight=10, on_fatal=fatal.append, clock=lambda: 100.0,
+        produce=as_produce(send), ack=broker.ack, max_in_flight=10, on_fatal=fatal.append, clock=lambda: 100.0,
     )
     pipeline.start()
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a"), "t0")
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a"), "t0")
     await pipeline.stop(timeout_s=1.0)
     assert fatal == [boom]
     assert broker.acked == []
@@ -517,10 +591,10 @@ async def test_back_to_back_batches_report_their_cycle_time() -> None:
 
     pipeline = TaskPipeline(
         names=TopicNames("t"), worker_id="w", runners={"toy": SlowRunner()}, policies={"toy": policy},
-        send=broker.send, ack=broker.ack, max_in_flight=100, clock=lambda: now[0],
+        produce=broker.produce, ack=broker.ack, max_in_flight=100, clock=lambda: now[0],
     )
     for offset in range(10):  # queued before the batcher runs: a backlog of 10
-        await pipeline.on_record(TOPIC, 0, offset, None, task_bytes(f"t{offset}", rows(offset)), offset)
+        await feed(pipeline, TOPIC, 0, offset, None, task_bytes(f"t{offset}", rows(offset)), offset)
     pipeline.start()
     await pipeline.stop()
     # batches of 4, 4, 2: the first two started with tasks waiting behind them, the last did not,
@@ -540,12 +614,12 @@ async def test_reply_to_a_missing_topic_is_rejected_not_waited_on() -> None:
     pipeline = TaskPipeline(
         names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
         policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
-        send=broker.send, ack=broker.ack, max_in_flight=100, topic_exists=topic_exists, clock=lambda: 100.0,
+        produce=broker.produce, ack=broker.ack, max_in_flight=100, topics=Topics(topic_exists), clock=lambda: 100.0,
     )
     pipeline.start()
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("good", rows(1), reply_to="t.replies"), 0)
-    await pipeline.on_record(TOPIC, 0, 1, None, task_bytes("bad", rows(2), reply_to="t.nowhere"), 1)
-    await pipeline.on_record(TOPIC, 0, 2, None, task_bytes("plain", rows(3)), 2)
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("good", rows(1), reply_to="t.replies"), 0)
+    await feed(pipeline, TOPIC, 0, 1, None, task_bytes("bad", rows(2), reply_to="t.nowhere"), 1)
+    await feed(pipeline, TOPIC, 0, 2, None, task_bytes("plain", rows(3)), 2)
     await pipeline.stop()
 
     by_topic: dict[str, list[str]] = {}
@@ -574,11 +648,11 @@ async def test_a_delivery_that_never_completes_is_fatal_after_the_timeout() -> N
     pipeline = TaskPipeline(
         names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
         policies={"toy": FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0)},
-        send=send_never_acked, ack=acked.append, max_in_flight=100, on_fatal=fatal.append,
+        produce=as_produce(send_never_acked), ack=lambda tp, position: acked.append(position), max_in_flight=100, on_fatal=fatal.append,
         delivery_timeout_s=0.05, clock=lambda: 100.0,
     )
     pipeline.start()
-    await pipeline.on_record(TOPIC, 0, 0, None, task_bytes("a", rows(1)), "tok0")
+    await feed(pipeline, TOPIC, 0, 0, None, task_bytes("a", rows(1)), "tok0")
     await pipeline.stop(timeout_s=5)
     assert len(fatal) == 1 and isinstance(fatal[0], asyncio.TimeoutError)
     assert acked == []  # never committed

@@ -10,7 +10,7 @@ from autoglm.streams.events import decode_result
 from autoglm.streams.pipeline import DLQ_HEADER_CODE, DLQ_HEADER_OFFSET, TaskPipeline
 from autoglm.streams.topics import TopicNames
 
-from .test_pipeline import DLQ, RESULTS, TOPIC, FakeBroker, ToyModel, rows, task_bytes
+from .test_pipeline import DLQ, RESULTS, TOKENS, TOPIC, FakeBroker, ToyModel, _fresh_tokens, feed, rows, task_bytes  # noqa: F401
 
 POISON = -999.0
 
@@ -31,10 +31,10 @@ async def run_tasks(records: list[tuple[str, bytes]], **pipeline_kwargs) -> tupl
     pipeline = TaskPipeline(
         names=TopicNames("t"), worker_id="w", runners={"toy": runner},
         policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
-        send=broker.send, ack=broker.ack, max_in_flight=100, **pipeline_kwargs,
+        produce=broker.produce, ack=broker.ack, max_in_flight=100, **pipeline_kwargs,
     )
     for offset, (task_id, value) in enumerate(records):
-        await pipeline.on_record(TOPIC, 0, offset, task_id.encode(), value, f"tok{offset}")
+        await feed(pipeline, TOPIC, 0, offset, task_id.encode(), value, f"tok{offset}")
     pipeline.start()
     await pipeline.stop()
     runner.close()
@@ -102,11 +102,12 @@ def transactional_pipeline(n_received: int) -> tuple[TaskPipeline, FakeBroker, l
     pipeline = TaskPipeline(
         names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
         policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
-        send=broker.send, ack=broker.ack, max_in_flight=100, transact=transact,
+        produce=broker.produce, ack=broker.ack, max_in_flight=100, transact=transact,
     )
     for offset in range(n_received):
-        pipeline.limiter._count += 1  # as on_record's acquire() would
-        pipeline.tracker.received((TOPIC, 0), offset, (offset, f"tok{offset}"))
+        pipeline.limiter.take(1)  # as on_records would
+        pipeline.tracker.received((TOPIC, 0), offset, offset)
+        TOKENS[(TOPIC, 0, offset)] = f"tok{offset}"
     return pipeline, broker, transactions
 
 
@@ -156,10 +157,10 @@ async def test_a_model_that_fails_to_load_is_served_by_its_fallback_and_results_
     pipeline = TaskPipeline(
         names=TopicNames("t"), worker_id="w", runners={"toy": runner},
         policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)},
-        send=broker.send, ack=broker.ack, max_in_flight=100,
+        produce=broker.produce, ack=broker.ack, max_in_flight=100,
     )
     for offset in range(3):
-        await pipeline.on_record(TOPIC, 0, offset, f"k{offset}".encode(), task_bytes(f"k{offset}", rows(offset)),
+        await feed(pipeline, TOPIC, 0, offset, f"k{offset}".encode(), task_bytes(f"k{offset}", rows(offset)),
                                  f"tok{offset}")
     pipeline.start()
     await pipeline.stop()
