@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from autoglm.errors import ModelError
+from autoglm.processors.errors import ModelError
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +100,7 @@ class InferenceModel(abc.ABC):
 
 @dataclass(frozen=True, slots=True)
 class ItemError:
-    """Why one task got no output: an :class:`~autoglm.errors.AutoGLMError` ``code``,
+    """Why one task got no output: an :class:`~autoglm.processors.errors.AutoGLMError` ``code``,
     its message, and whether trying again later may succeed (``retriable``)."""
 
     code: str

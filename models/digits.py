@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoglm.errors import InputSignatureError, ModelLoadError, TensorError
+from autoglm.processors.errors import InputSignatureError, ModelLoadError, TensorError
 from autoglm.models.base import InferenceModel, Signature
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from autoglm.errors import ConfigError, InferenceError, ModelError, ModelLoadError
+from autoglm.processors.errors import ConfigError, InferenceError, ModelError, ModelLoadError
 from autoglm.models.base import InferenceModel
 from autoglm.models.runner import ItemError, ItemOutcome, ModelRunner
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from autoglm.errors import InputSignatureError, ModelLoadError
+from autoglm.processors.errors import InputSignatureError, ModelLoadError
 from autoglm.models.base import InferenceModel, Signature
 
 logger = logging.getLogger(__name__)

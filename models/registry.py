@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from autoglm.errors import ConfigError, UnknownModelError
+from autoglm.processors.errors import ConfigError, UnknownModelError
 from autoglm.models.base import InferenceModel
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from autoglm.errors import (
+from autoglm.processors.errors import (
     ConfigError,
     InferenceError,
     InferenceTimeoutError,
@@ -207,7 +207,7 @@ class ModelRunner:
         """Run one micro-batch; isolate the tasks that make it fail; never wait past ``timeout_s``.
 
         The batch runs as :meth:`run` does. When it raises
-        :class:`~autoglm.errors.InferenceError` (forward raised, or returned
+        :class:`~autoglm.processors.errors.InferenceError` (forward raised, or returned
         the wrong rows or dtype), it is split in halves and each half retried,
         recursively, down to single tasks: a task that fails alone gets an
         error outcome, every other task its output. Halves run in order, one
@@ -224,7 +224,7 @@ class ModelRunner:
         Timeout: each forward call (the whole batch, or one sub-batch while
         bisecting) may take at most ``timeout_s``. One that takes longer is
         abandoned: its tasks get ``inference_timeout`` errors
-        (:class:`~autoglm.errors.InferenceTimeoutError`), and so do the tasks
+        (:class:`~autoglm.processors.errors.InferenceTimeoutError`), and so do the tasks
         of the batch that have not been served yet, since a model that hangs
         on a batch is not split (each half could hang as long again). The
         stuck thread is left running (a daemon; counted in

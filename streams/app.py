@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from faust.app.base import BootStrategy
 from mode import Service
 
-from autoglm.errors import BrokerError
+from autoglm.processors.errors import BrokerError
 from autoglm.processors.adaptive import AdaptiveBatchPolicy
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.control import ControlState

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from autoglm.errors import BrokerError, EventError, TopicMissingError
+from autoglm.processors.errors import BrokerError, EventError, TopicMissingError
 from autoglm.streams.events import Result, Task, decode_result, encode_task, now_ms
 from autoglm.streams.topics import TopicNames, partitions_of
 

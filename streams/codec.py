@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from autoglm.errors import EventDecodeError, TensorError
+from autoglm.processors.errors import EventDecodeError, TensorError
 
 #: dtypes that may appear on the wire; names are numpy's.
 SUPPORTED_DTYPES: frozenset[str] = frozenset(

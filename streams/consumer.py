@@ -38,7 +38,7 @@ from typing import Any, Awaitable, Callable, Hashable, Protocol, Sequence
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from autoglm.errors import BrokerError
+from autoglm.processors.errors import BrokerError
 
 log = logging.getLogger(__name__)
 

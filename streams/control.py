@@ -41,7 +41,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from autoglm.errors import BrokerError, ControlSignatureError, EventDecodeError, EventError, TopicMissingError
+from autoglm.processors.errors import BrokerError, ControlSignatureError, EventDecodeError, EventError, TopicMissingError
 from autoglm.processors.control import ControlState, Decision, check_configure_params, control_key
 from autoglm.streams.codec import dumps, loads
 from autoglm.streams.events import (

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from autoglm.errors import EmbeddedBrokerError
+from autoglm.processors.errors import EmbeddedBrokerError
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Each event is a UTF-8 JSON object with a ``schema`` field of the form
 ``autoglm.<kind>/v<major>[.<minor>]``. A decoder accepts major version 1 of
 its own kind and any minor version; anything else raises
-:class:`~autoglm.errors.SchemaVersionError` and the event goes to the
+:class:`~autoglm.processors.errors.SchemaVersionError` and the event goes to the
 dead-letter topic. Unknown fields are ignored (forward compatibility).
 
 Times on the wire are epoch milliseconds (``*_ms``); inside the code
@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-from autoglm.errors import EventDecodeError, EventValidationError, SchemaVersionError
+from autoglm.processors.errors import EventDecodeError, EventValidationError, SchemaVersionError
 from autoglm.streams.codec import decode_tensor, dumps, encode_tensor, loads, preview
 
 TASK_SCHEMA = "autoglm.task/v1"
@@ -71,7 +71,7 @@ class Task:
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
-    """Why a task got no outputs: ``code`` as in :mod:`autoglm.errors`, and a message."""
+    """Why a task got no outputs: ``code`` as in :mod:`autoglm.processors.errors`, and a message."""
 
     code: str
     message: str

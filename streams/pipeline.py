@@ -41,7 +41,7 @@ from typing import Any, Awaitable, Callable, Hashable, Mapping, Protocol, Sequen
 
 import numpy as np
 
-from autoglm.errors import (
+from autoglm.processors.errors import (
     EventError,
     EventValidationError,
     ModelError,

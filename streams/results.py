@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from autoglm.errors import TensorError
+from autoglm.processors.errors import TensorError
 from autoglm.streams.codec import SUPPORTED_DTYPES, preview
 from autoglm.streams.events import RESULT_SCHEMA
 

@@ -1,19 +1,40 @@
 """Broker security settings (TLS, SASL) for every Kafka client the project creates.
 
-One place turns :class:`~autoglm.config.Settings` into client arguments, so
-that the worker's faust consumer and producer, the control-plane consumer,
-the admin clients and the CLI's publisher and readers all connect the same
-way. The names follow Kafka's client settings (``security.protocol``,
+One place turns the security settings (any object with the fields of
+:class:`SecuritySettings`, such as :class:`~autoglm.config.Settings`) into
+client arguments, so that the worker's consumer and producer, the
+control-plane consumer, the admin clients and the CLI's publisher and readers
+all connect the same way. The names follow Kafka's client settings (``security.protocol``,
 ``sasl.mechanism``, ``ssl.truststore`` as a CA file).
 """
 
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, Protocol
 
-from autoglm.config import Settings
-from autoglm.errors import ConfigError
+from autoglm.processors.errors import ConfigError
+
+
+class Secret(Protocol):
+    """A secret value (pydantic's ``SecretStr``): shown nowhere, read with ``get_secret_value``."""
+
+    def get_secret_value(self) -> str: ...
+
+
+class SecuritySettings(Protocol):
+    """The security fields a Kafka client needs (Kafka's names; see README, TLS and SASL)."""
+
+    security_protocol: str
+    ssl_cafile: str | None
+    ssl_certfile: str | None
+    ssl_keyfile: str | None
+    sasl_mechanism: str | None
+    sasl_username: str | None
+    sasl_password: Secret | None
+
+
+Settings = SecuritySettings
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -56,22 +77,3 @@ def client_kwargs(settings: Settings) -> dict[str, Any]:
             settings.sasl_password.get_secret_value() if settings.sasl_password is not None else None
         )
     return kwargs
-
-
-def faust_credentials(settings: Settings) -> dict[str, Any]:
-    """faust app settings (``broker_credentials``) carrying the same security settings."""
-    import faust
-
-    if settings.security_protocol == "PLAINTEXT":
-        return {}
-    context = ssl_context(settings)
-    if settings.security_protocol == "SSL":
-        return {"broker_credentials": faust.SSLCredentials(context)}
-    return {
-        "broker_credentials": faust.SASLCredentials(
-            username=settings.sasl_username,
-            password=settings.sasl_password.get_secret_value() if settings.sasl_password is not None else None,
-            ssl_context=context,
-            mechanism=settings.sasl_mechanism,
-        )
-    }

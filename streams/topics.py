@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
-from autoglm.errors import BrokerError, TopicMissingError
+from autoglm.processors.errors import BrokerError, TopicMissingError
 
 log = logging.getLogger(__name__)
 

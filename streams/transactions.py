@@ -36,7 +36,7 @@ from typing import Any, Hashable
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from autoglm.errors import BrokerError
+from autoglm.processors.errors import BrokerError
 from autoglm.streams.producer import PartitionCounts, deliver
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import pytest
 
 from autoglm.config import load_settings
 from autoglm.errors import ConfigError
-from autoglm.streams.security import client_kwargs, faust_credentials
+from autoglm.streams.security import client_kwargs
 
 
 def test_plaintext_adds_nothing():
-    assert client_kwargs(load_settings()) == {} and faust_credentials(load_settings()) == {}
+    assert client_kwargs(load_settings()) == {}
 
 
 def test_sasl_plaintext_passes_mechanism_and_credentials():
@@ -20,9 +20,6 @@ def test_sasl_plaintext_passes_mechanism_and_credentials():
                       sasl_username="svc", sasl_password="s3cret")
     assert client_kwargs(s) == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-512",
                                 "sasl_plain_username": "svc", "sasl_plain_password": "s3cret"}
-    creds = faust_credentials(s)["broker_credentials"]
-    assert (creds.username, creds.password, creds.mechanism.value, creds.protocol.value) == (
-        "svc", "s3cret", "SCRAM-SHA-512", "SASL_PLAINTEXT")
     assert "s3cret" not in repr(s), "the password must not show in logs of the settings"
 
 
@@ -41,9 +38,9 @@ def test_every_kafka_client_of_the_worker_and_cli_gets_the_security_arguments():
     import inspect
 
     from autoglm import demo, tasks, worker
-    from autoglm.streams import app, client, control, topics, transactions
+    from autoglm.streams import app, client, consumer, control, topics, transactions
 
-    for module in (app, client, control, topics, transactions, tasks, worker, demo):
+    for module in (app, client, consumer, control, topics, transactions, tasks, worker, demo):
         source = inspect.getsource(module)
         for ctor in ("AIOKafkaProducer(", "AIOKafkaConsumer(", "AIOKafkaAdminClient("):
             for chunk in source.split(ctor)[1:]:
