@@ -210,7 +210,10 @@ class Worker(Service):
 
     def _poll_loop_ended(self, task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
-            self._fatal(task.exception())
+            exc = task.exception()
+            log.critical("the task consumer's poll loop failed; stopping so that its tasks are consumed again",
+                         exc_info=exc)
+            self._fatal(exc)
 
     def _fatal(self, exc: BaseException) -> None:
         """A result could not be delivered (or the poll loop died): stop, so the tasks are consumed again."""

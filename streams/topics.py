@@ -188,6 +188,16 @@ class TopicCache:
         self._missing: dict[str, float] = {}
         self._admin: AIOKafkaAdminClient | None = None
 
+    def cached(self, topic: str) -> bool | None:
+        """The known answer for ``topic`` without asking the broker: True (exists), False (missing,
+        asked less than ``negative_ttl_s`` ago), or None (ask with :meth:`exists`)."""
+        if topic in self._present:
+            return True
+        checked = self._missing.get(topic)
+        if checked is not None and self._clock() - checked < self._negative_ttl_s:
+            return False
+        return None
+
     async def exists(self, topic: str) -> bool:
         import asyncio
 
