@@ -38,7 +38,7 @@ from autoglm.processors.metrics import BatchMetrics
 from autoglm.streams.consumer import ConsumerConfig, TaskConsumer  # noqa: F401  (ConsumerConfig: re-exported)
 from autoglm.streams.control import ControlPlane
 from autoglm.streams.pipeline import TaskPipeline
-from autoglm.streams.producer import PartitionCounts, deliver
+from autoglm.streams.producer import BatchProducer
 from autoglm.streams.topics import TopicCache, TopicNames
 from autoglm.streams.transactions import TransactionalSettler
 
@@ -138,7 +138,7 @@ class Worker(Service):
                             "(AUTOGLM_MAX_BATCH_SIZE): batches hold at most %d tasks", name, cc.max_in_flight,
                             policy.max_batch_size, cc.max_in_flight)
         self._producer: AIOKafkaProducer | None = None
-        self._counts: PartitionCounts | None = None
+        self._batches: BatchProducer | None = None
         self.topics = TopicCache(cc.bootstrap_servers, client_kwargs=cc.client_kwargs)
         self.settler: TransactionalSettler | None = None
         if config.exactly_once:
@@ -189,7 +189,7 @@ class Worker(Service):
         except KafkaError as exc:
             await self._producer.stop()
             raise BrokerError(f"producer: cannot connect to {cc.bootstrap_servers}: {exc!r}") from exc
-        self._counts = PartitionCounts(self._producer)
+        self._batches = BatchProducer(self._producer)
         if self.settler is not None:
             await self.settler.start()
         await self.control.start()
@@ -222,8 +222,8 @@ class Worker(Service):
     # -- what the pipeline and the control plane call ------------------------
 
     async def _produce(self, records: list) -> None:
-        assert self._producer is not None and self._counts is not None
-        await deliver(self._producer, self._counts, records)
+        assert self._batches is not None
+        await self._batches.deliver(records)
 
     async def _send_status(self, topic: str, key: bytes, value: bytes) -> Any:
         assert self._producer is not None

@@ -10,16 +10,30 @@ compute it, so results keep their key-to-partition mapping), fills one
 ``create_batch``/``send_batch`` API, and awaits every broker acknowledgement.
 
 Works with a transactional producer too (inside ``producer.transaction()``).
+
+:class:`BatchProducer` serves concurrent callers (the worker settles every
+micro-batch, dead letter and expired task on its own): it queues records per
+destination partition and runs one sender per partition, which puts everything
+queued meanwhile into the next record batch. aiokafka's ``send_batch`` keeps
+one open batch per partition and makes other callers wait for it to drain, with
+a timeout that shrinks by the total time waited on every round (aiokafka 0.14,
+``MessageAccumulator.add_batch``): many concurrent callers on one partition
+timed out (``KafkaTimeoutError``) in a rebalance test. One waiter per partition
+avoids that, and merges small settlements into larger batches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+from collections import deque
 from typing import Any, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
+
+log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 Record = tuple[str, bytes | None, bytes | None, Headers]
@@ -107,3 +121,89 @@ async def deliver(producer: AIOKafkaProducer, counts: PartitionCounts, records: 
     futures = await produce_records(producer, counts, records)
     if futures:
         await asyncio.gather(*futures)
+
+
+class BatchProducer:
+    """Produces records for concurrent callers: one sender per destination partition.
+
+    Args:
+        producer: a started (non-transactional) producer.
+
+    :meth:`deliver` returns once the broker acknowledged every record given
+    (``acks`` as configured on the producer), and raises what the producer
+    raised for any of them.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer):
+        self._producer = producer
+        self._counts = PartitionCounts(producer)
+        self._queued: dict[tuple[str, int], deque[tuple[list[Record], asyncio.Future]]] = {}
+        self._senders: dict[tuple[str, int], asyncio.Task] = {}
+        self._acks: set[asyncio.Task] = set()
+
+    async def deliver(self, records: Sequence[Record]) -> None:
+        """Produce ``records`` and wait for the broker's acknowledgement of all of them.
+
+        Raises:
+            KafkaError: a record batch was refused or not acknowledged in time.
+        """
+        groups: dict[tuple[str, int], list[Record]] = {}
+        for record in records:
+            topic = record[0]
+            n = self._counts.cached(topic) or await self._counts.count(topic)
+            groups.setdefault((topic, partition_for(record[1], n)), []).append(record)
+        loop = asyncio.get_running_loop()
+        waits = []
+        for tp, group in groups.items():
+            fut = loop.create_future()
+            self._queued.setdefault(tp, deque()).append((group, fut))
+            waits.append(fut)
+            sender = self._senders.get(tp)
+            if sender is None or sender.done():
+                self._senders[tp] = asyncio.ensure_future(self._send(tp))
+        if waits:
+            await asyncio.gather(*waits)
+
+    async def _send(self, tp: tuple[str, int]) -> None:
+        """Send what is queued for ``tp``, in order, until its queue is empty."""
+        queue = self._queued[tp]
+        topic, partition = tp
+        while queue:
+            entries = list(queue)
+            queue.clear()
+            futures: list[asyncio.Future] = []
+            try:
+                batch = self._producer.create_batch()
+                for group, _ in entries:
+                    for _, key, value, headers in group:
+                        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                            batch.close()
+                            futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+                            batch = self._producer.create_batch()
+                            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                                raise ValueError(f"a record of {len(value or b'')} bytes does not fit in an empty "
+                                                 f"batch for {topic!r}")
+                if batch.record_count():
+                    batch.close()
+                    futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+            except Exception as exc:  # refused: every caller waiting on these entries gets the error
+                for _, fut in entries:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            task = asyncio.ensure_future(self._settle(entries, futures))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    @staticmethod
+    async def _settle(entries: list[tuple[list[Record], asyncio.Future]], futures: list[asyncio.Future]) -> None:
+        try:
+            await asyncio.gather(*futures)
+        except Exception as exc:
+            for _, fut in entries:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for _, fut in entries:
+            if not fut.done():
+                fut.set_result(None)

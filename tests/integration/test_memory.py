@@ -148,3 +148,68 @@ async def test_rss_stays_under_the_in_flight_bound(kafka_bootstrap, workers, mod
     assert small["max_in_flight_seen"] == 256, "the cap was not reached, or was passed"
     assert large["growth_mib"] * 2**20 < bound_bytes(LARGE_CAP)
     assert 256 < large["max_in_flight_seen"] <= LARGE_CAP
+
+
+#: a large task: a digits image plus an unknown field of padding (ignored by the worker), ~0.9 MiB
+LARGE_TASK_PAD = 900_000
+LARGE_CAP_SMALL = 20
+LARGE_TASKS = 240
+
+
+@pytest.mark.timeout(600)
+async def test_large_tasks_memory_stays_within_cap_times_record_size(kafka_bootstrap, prefix, workers, model_cache):
+    """With ~0.9 MiB tasks and MAX_IN_FLIGHT=20, the worker's RSS grows by at most two in-flight
+    windows of records (the tasks in flight, and one fetch response, whose size the consumer
+    derives from the cap and the record limit) plus 48 MiB: before the owned consumer, the stream
+    buffered up to 256 fetched records beyond the cap and grew by 6-11 MB per in-flight slot."""
+    import orjson
+
+    from autoglm.streams.events import encode_task
+
+    await create_topics(kafka_bootstrap, prefix)
+    x, _ = holdout_digits(LARGE_TASKS + 20)
+    topic = f"{prefix}.tasks.digits"
+
+    def big(i: int) -> bytes:
+        doc = orjson.loads(encode_task(Task(id=f"b{i}", model="digits", inputs=x[i : i + 1])))
+        doc["padding"] = "x" * LARGE_TASK_PAD  # an unknown field: ignored (forward compatibility)
+        return orjson.dumps(doc)
+
+    record_bytes = len(big(0))
+    proc = workers.start(kafka_bootstrap, prefix, "digits", max_in_flight=str(LARGE_CAP_SMALL),
+                         status_interval_s=str(SAMPLE_EVERY_S), **SLOW)
+    alive = lambda: proc.poll() is None  # noqa: E731
+    from .kafka_io import produce
+
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await produce(kafka_bootstrap, [(topic, f"b{i}".encode(), big(i)) for i in range(20)])
+        await results.until(lambda: len(results.first) == 20, 180, alive, "the warm-up results")
+        await asyncio.sleep(1.0)
+        base = []
+        for _ in range(4):  # settled RSS before the backlog exists
+            base.append(rss_bytes(proc.pid))
+            await asyncio.sleep(SAMPLE_EVERY_S)
+        base_rss = max(base)
+        samples: list[int] = []
+        stop = asyncio.Event()
+
+        async def sample() -> None:
+            while not stop.is_set():
+                samples.append(rss_bytes(proc.pid))
+                await asyncio.sleep(SAMPLE_EVERY_S / 2)
+
+        sampler = asyncio.ensure_future(sample())
+        try:
+            for start in range(20, 20 + LARGE_TASKS, 40):
+                await produce(kafka_bootstrap, [(topic, f"b{i}".encode(), big(i)) for i in range(start, start + 40)])
+            await results.until(lambda: len(results.first) >= 20 + LARGE_TASKS // 2, 300, alive,
+                                "half of the large tasks")
+        finally:
+            stop.set()
+            await sampler
+    growth = max(samples) - base_rss
+    bound = 2 * LARGE_CAP_SMALL * record_bytes + 48 * 2**20
+    print(f"\nlarge tasks ({record_bytes} bytes), MAX_IN_FLIGHT={LARGE_CAP_SMALL}: RSS after warm-up "
+          f"{base_rss / 2**20:.1f} MiB, growth {growth / 2**20:.1f} MiB (bound {bound / 2**20:.0f} MiB), "
+          f"{len(samples)} samples, {growth / LARGE_CAP_SMALL / 2**20:.2f} MiB per in-flight slot")
+    assert growth < bound
