@@ -15,11 +15,16 @@
   the pause. Records a fetch already brought in for a partition that was paused
   meanwhile are not delivered: the partition's position is set back to the first
   of them (``seek``), so they are fetched again, in order, after the resume.
-- **Backpressure is a pause.** At the in-flight cap every partition is paused
-  (the loop keeps polling); fetching resumes once a quarter of the slots are
-  free again. A poll asks for at most the free slots, and the fetch buffers are
-  sized from the cap and the record-size limit (:func:`fetch_limits`), so the
-  cap bounds memory.
+- **Backpressure.** A poll asks for at most the free in-flight slots, and the
+  fetch buffers are sized from the cap and the record-size limit
+  (:func:`fetch_limits`), so the cap bounds memory. At the cap the loop asks for
+  nothing and waits for free slots, still reconciling the control state; the
+  fetcher holds what it fetched ahead and fetches nothing more for those
+  partitions. Held at the cap for ``BACKPRESSURE_PAUSE_AFTER_S``, every
+  partition is paused (and polled, so the worker stays in its group) until a
+  quarter of the slots are free again. Pausing at once on every brush with the
+  cap dropped the fetched-ahead records each time (aiokafka discards a paused
+  partition's buffer), and reading them again cost a fifth of the worker's CPU.
 - **Revocation** (aiokafka's ``ConsumerRebalanceListener``): the revoked
   partitions' queued tasks are handed back, those in the model awaited
   (bounded by the rebalance timeout), what was answered is committed, then the
@@ -46,6 +51,10 @@ log = logging.getLogger(__name__)
 PAUSED_POLL_S = 0.05
 #: Longest poll wait otherwise (new records end the wait at once).
 IDLE_POLL_S = 0.5
+#: At the in-flight cap the loop first only waits for free slots (what the fetcher already holds is
+#: kept; it fetches nothing more for those partitions meanwhile); held this long, every partition is
+#: paused (the fetched-ahead records are dropped, fetched again after the resume).
+BACKPRESSURE_PAUSE_AFTER_S = 1.0
 #: Kafka's default ``fetch.max.bytes``: the most one fetch response carries.
 KAFKA_FETCH_MAX_BYTES = 50 * 1024 * 1024
 
@@ -150,6 +159,7 @@ class TaskConsumer:
         self._positions: dict[TopicPartition, int] = {}  # answered: next offset to commit
         self._committed: dict[TopicPartition, int] = {}
         self._backpressured = False
+        self._at_cap_since: float | None = None
         self._resume_at = max(1, config.max_in_flight // 4)
         self._loop_task: asyncio.Task | None = None
         self._commit_task: asyncio.Task | None = None
@@ -262,13 +272,25 @@ class TaskConsumer:
         consumer = self._consumer
         assert consumer is not None
         sink = self._sink
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             free = sink.capacity
             if self._backpressured:
                 if free >= self._resume_at:
                     self._backpressured = False
+                    self._at_cap_since = None
             elif free <= 0:
-                self._backpressured = True
+                now = loop.time()
+                if self._at_cap_since is None:
+                    self._at_cap_since = now
+                if now - self._at_cap_since >= BACKPRESSURE_PAUSE_AFTER_S:
+                    self._backpressured = True
+                else:  # a short wait at the cap: ask for nothing, keep what the fetcher holds
+                    self._reconcile()
+                    await sink.wait_capacity(1, timeout_s=BACKPRESSURE_PAUSE_AFTER_S - (now - self._at_cap_since))
+                    continue
+            else:
+                self._at_cap_since = None
             any_paused = self._reconcile()
             if self._backpressured:
                 # stay in the group (a poll of paused partitions returns nothing), then wait for slots

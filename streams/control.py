@@ -5,8 +5,8 @@
     ops (autoglm ctl, console) ─► <prefix>.control (1 partition, compacted, keyed by control_key)
                                         │ every worker reads all of it, outside the task group
                                         ▼
-                                  ControlPlane ─► ControlState (processors/control.py) ─► fetch predicate
-                                        │                                               (PausableConsumer)
+                                  ControlPlane ─► ControlState (processors/control.py) ─► pause/resume
+                                        │                                               (streams/consumer.py)
                                         ▼
                                   <prefix>.status: one ack per event and worker, heartbeats, "stopped"
 
