@@ -1,4 +1,4 @@
-"""The ``autoglm`` command: worker, publish, results, demo, ctl, status."""
+"""The ``autoglm`` command: worker, publish, results, demo, ctl, status, console."""
 
 from __future__ import annotations
 
@@ -350,6 +350,50 @@ def status(
                           num(fig.get("lag"), "{}"), num(hb.get("in_flight"), "{}"))
     # not a terminal (a pipe, grep): never wrap or cut the cells
     Console(width=None if sys.stdout.isatty() else 250, soft_wrap=not sys.stdout.isatty()).print(table)
+
+
+@app.command()
+def console(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8321, "--port", min=0, max=65535, help="port to bind"),
+    ack_timeout_s: float = typer.Option(30.0, "--ack-timeout-s", min=0.1,
+                                        help="seconds before a targeted worker without an ack shows as missing"),
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+    prefix: Optional[str] = PrefixOpt,
+) -> None:
+    """Serve the ops page: live workers and models over Server-Sent Events, pause/resume/drain/configure.
+
+    Every request needs the token (AUTOGLM_CONSOLE_TOKEN, or a random one printed at start);
+    control events are signed with AUTOGLM_CONTROL_KEY when it is set.
+    """
+    settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
+    servers = _need_broker(settings)
+    logging.getLogger("autoglm").setLevel(settings.log_level)
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    from aiohttp import web
+
+    from autoglm.streams.console.feed import ConsoleFeed
+    from autoglm.streams.console.guard import new_token
+    from autoglm.streams.console.web import Console, PathOnlyAccessLogger
+
+    given = settings.console_token.get_secret_value() if settings.console_token is not None else None
+    token = given or new_token()
+    kwargs = _kafka_kwargs(settings)
+    server = Console(
+        lambda on_status, on_dead_letter: ConsoleFeed(
+            servers, prefix=settings.topic_prefix, on_status=on_status, on_dead_letter=on_dead_letter,
+            control_key=settings.control_key_bytes, client_kwargs=kwargs),
+        token=token, ack_timeout_s=ack_timeout_s,
+    )
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    if given:
+        typer.echo(f"ops console on http://{shown}:{port}/ (token from AUTOGLM_CONSOLE_TOKEN)")
+    else:  # like Jupyter: the URL with a fresh token, on the terminal only (never in a log)
+        typer.echo(f"ops console on http://{shown}:{port}/login?token={token}")
+    signing = "signed with AUTOGLM_CONTROL_KEY" if settings.control_key is not None else "unsigned"
+    typer.echo(f"topics {settings.topic_prefix}.status / .dlq on {','.join(servers)}; control events {signing}")
+    web.run_app(server.app(), host=host, port=port, print=None, access_log_class=PathOnlyAccessLogger,
+                handle_signals=True)
 
 
 def main() -> None:
