@@ -84,6 +84,11 @@ class History:
         """Every (worker, model) with points."""
         return sorted(self._series)
 
+    def drop_worker(self, worker: str) -> None:
+        """Forget every series of ``worker``."""
+        for key in [k for k in self._series if k[0] == worker]:
+            del self._series[key]
+
     def prune(self, now_ms: int) -> None:
         """Drop points older than the horizon before ``now_ms``, and series left empty."""
         for key in list(self._series):
@@ -345,3 +350,4 @@ class ConsoleState:
         self.history.prune(now_ms)
         for worker in [w for w, e in self.workers.items() if now_ms - e["last_ms"] > self._forget_ms]:
             del self.workers[worker]
+            self.history.drop_worker(worker)

@@ -202,7 +202,11 @@ function chart(model, field, title, refValue = null, dashedField = null) {
   let max = refValue || 0;
   for (const s of series) for (const p of s.points) if (p[s.field] !== null && p[s.field] > max) max = p[s.field];
   max = max > 0 ? max * 1.1 : 1;
-  const x = (t) => L + ((t - (now - HORIZON_MS)) / HORIZON_MS) * (W - L - R);
+  // the x axis spans the data kept, from 2 minutes up to the 15-minute horizon
+  let oldest = now;
+  for (const s of series) if (s.points.length && s.points[0].t < oldest) oldest = s.points[0].t;
+  const span = Math.min(HORIZON_MS, Math.max(2 * 60000, Math.ceil((now - oldest) / 60000) * 60000));
+  const x = (t) => L + ((t - (now - span)) / span) * (W - L - R);
   const y = (v) => T + (1 - v / max) * (H - T - B);
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
@@ -222,13 +226,14 @@ function chart(model, field, title, refValue = null, dashedField = null) {
     add("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" });
     add("text", { x: L - 4, y: y(v) + 4, class: "tick", "text-anchor": "end" }, v >= 100 ? v.toFixed(0) : v.toFixed(1));
   }
-  for (const minutes of [15, 10, 5, 0]) {
+  const step = span > 6 * 60000 ? 5 : span > 3 * 60000 ? 2 : 1;
+  for (let minutes = Math.floor(span / 60000 / step) * step; minutes >= 0; minutes -= step) {
     add("text", { x: x(now - minutes * 60000), y: H - 4, class: "tick", "text-anchor": "middle" },
       minutes ? `-${minutes} min` : "now");
   }
   if (refValue) add("line", { x1: L, x2: W - R, y1: y(refValue), y2: y(refValue), class: "ref" });
   for (const s of series) {
-    const pts = s.points.filter((p) => p[s.field] !== null && p[s.field] !== undefined && p.t >= now - HORIZON_MS);
+    const pts = s.points.filter((p) => p[s.field] !== null && p[s.field] !== undefined && p.t >= now - span);
     if (!pts.length) continue;
     const d = pts.map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(p[s.field]).toFixed(1)}`).join("");
     add("path", { d, class: s.dashed ? "line dashed" : "line", stroke: colorOf(s.worker) });
