@@ -209,6 +209,9 @@ def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wa
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
     _print_outcome(outcome, wait=wait, as_json=as_json)
+    reports = {w: a["report"] for w, a in outcome.acks.items() if isinstance(a.get("report"), dict)}
+    if reports and not as_json:
+        _print_figures(reports, title=f"status reports of {len(reports)} worker(s)")
     if wait and (not outcome.ok or (worker_id is not None and outcome.live and worker_id not in outcome.live)):
         raise typer.Exit(1)
 
@@ -327,29 +330,49 @@ def status(
 
         typer.echo(orjson.dumps(live).decode())
         return
+    _print_figures(live, title=f"{len(live)} live worker(s)")
+
+
+#: What each column of the status tables covers (README "Status events").
+FIGURE_WINDOWS = ("tasks/s, p50, p99, batch: the last heartbeat interval (window s); served, errors: since the "
+                  "worker started; target, queue, lag, in flight: when the report was built")
+
+
+def _print_figures(reports: dict, *, title: str) -> None:
+    """One row per worker and model from status reports (heartbeats or ``ctl status`` acks)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(live)} live worker(s)")
-    for col in ("worker", "model", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "target", "queue", "lag",
-                "in flight"):
+    table = Table(title=title, caption=FIGURE_WINDOWS)
+    for col in ("worker", "model", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "window s", "served", "errors",
+                "target", "queue", "lag", "in flight"):
         table.add_column(col, justify="left" if col in ("worker", "model", "state") else "right")
 
     def num(value, fmt="{:.1f}") -> str:
         return "-" if value is None else fmt.format(value)
 
-    for worker_id, hb in sorted(live.items()):
+    for worker_id, hb in sorted(reports.items()):
         state = hb.get("state", {})
+        cap = hb.get("max_in_flight")
+        in_flight = num(hb.get("in_flight"), "{}") + (f"/{cap}" if cap else "")
         for model, fig in sorted(hb.get("models", {}).items()):
             mstate = state.get("models", {}).get(model, {})
             label = ("drained" if state.get("drained") else "draining" if state.get("draining")
                      else "paused" if mstate.get("paused") else "running")
+            totals = fig.get("totals") or {}
+            errors = sum(v for k, v in totals.items() if k != "ok") if totals else None
             table.add_row(worker_id, model, label, num(fig.get("throughput_per_s")), num(fig.get("p50_ms")),
-                          num(fig.get("p99_ms")), num(fig.get("mean_batch_size")),
+                          num(fig.get("p99_ms")), num(fig.get("mean_batch_size")), num(hb.get("window_s")),
+                          num(fig.get("served_total"), "{}"), num(errors, "{}"),
                           num(fig.get("target_size"), "{}"), num(fig.get("queue_depth"), "{}"),
-                          num(fig.get("lag"), "{}"), num(hb.get("in_flight"), "{}"))
+                          num(fig.get("lag"), "{}"), in_flight)
     # not a terminal (a pipe, grep): never wrap or cut the cells
     Console(width=None if sys.stdout.isatty() else 250, soft_wrap=not sys.stdout.isatty()).print(table)
+    for worker_id, hb in sorted(reports.items()):
+        worker_totals = hb.get("totals")
+        if worker_totals:
+            shown = ", ".join(f"{k} {v}" for k, v in worker_totals.items())
+            typer.echo(f"{worker_id} since start ({num(hb.get('uptime_s'), '{:.0f}')} s): {shown}")
 
 
 @app.command()
