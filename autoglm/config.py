@@ -153,6 +153,12 @@ class Settings(BaseSettings):
             raise ValueError("at least one model name is needed, e.g. digits,minilm")
         return value
 
+    @field_validator("console_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: Any) -> Any:
+        """``AUTOGLM_CONSOLE_TOKEN=`` (compose's ``${AUTOGLM_CONSOLE_TOKEN:-}``) means: make a random one."""
+        return None if value == "" else value
+
     @field_validator("fallbacks", mode="before")
     @classmethod
     def _split_fallbacks(cls, value: Any) -> Any:
