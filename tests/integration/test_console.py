@@ -183,6 +183,12 @@ async def test_console_watches_and_steers_two_workers(kafka_bootstrap, prefix, w
             await expect(page.locator("#control-error")).to_contain_text("must be a number, got 'fast'")
             assert await control_end(kafka_bootstrap, prefix) == before, "an invalid configure was published"
 
+            # -- a dead letter shows with its code and source (read-only view of <prefix>.dlq) --------
+            await produce(kafka_bootstrap, [(f"{prefix}.tasks.digits", b"broken-1", b"{not json")])
+            row = page.locator("#dead-letters tbody tr").first
+            await expect(row.locator("td.code")).to_have_text("decode", timeout=30_000)
+            await expect(row).to_contain_text(f"{prefix}.tasks.digits")
+
             # -- the page under load, for the README -------------------------------------------------
             _, load = tasks_for(prefix, "digits", 600, "s")
             _, load2 = tasks_for(prefix, "digits-linear", 600, "t")

@@ -108,7 +108,12 @@ function renderWorkers() {
     const states = models.map((m) => `${m}: ${w.models[m].state}`);
     const totals = w.totals || {};
     const served = models.reduce((s, m) => s + (w.models[m].served_total || 0), 0);
-    const errors = totals.results_error ?? models.reduce((s, m) => s + ((w.models[m].totals || {}).error || 0), 0);
+    // errors since start: the worker's totals, else the per-model status totals, else unknown
+    const perModel = models.filter((m) => w.models[m].totals);
+    const errors = totals.results_error ?? (perModel.length
+      ? perModel.reduce((s, m) => s + Object.entries(w.models[m].totals).filter(([k]) => k !== "ok")
+        .reduce((a, [, v]) => a + v, 0), 0)
+      : null);
     return el("tr", { "data-worker": w.worker, class: w.liveness },
       el("td", {}, el("span", { class: `badge ${w.liveness}` }, w.liveness)),
       el("td", { class: "id" }, w.worker),
@@ -117,7 +122,7 @@ function renderWorkers() {
       el("td", { class: "num" }, w.max_in_flight ? `${int(w.in_flight)} / ${w.max_in_flight}` : int(w.in_flight)),
       el("td", { class: "num age" }, w.age_s === null ? "-" : `${fmt(w.age_s)} s`),
       el("td", { class: "num" }, String(served)),
-      el("td", { class: "num" }, String(errors ?? "-")),
+      el("td", { class: "num" }, errors === null ? "-" : String(errors)),
       el("td", { class: "num" }, totals.dead_letters === undefined ? "-" : String(totals.dead_letters)),
       el("td", {}, w.liveness === "live" ? controlButtons({ worker: w.worker }) : ""));
   });
