@@ -415,8 +415,9 @@ def console(
         typer.echo(f"ops console on http://{shown}:{port}/login?token={token}")
     signing = "signed with AUTOGLM_CONTROL_KEY" if settings.control_key is not None else "unsigned"
     typer.echo(f"topics {settings.topic_prefix}.status / .dlq on {','.join(servers)}; control events {signing}")
+    # shutdown_timeout: open event streams (browsers) would otherwise hold a stop for aiohttp's 60 s
     web.run_app(server.app(), host=host, port=port, print=None, access_log_class=PathOnlyAccessLogger,
-                handle_signals=True)
+                handle_signals=True, shutdown_timeout=3.0)
 
 
 def main() -> None:
