@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError
 
 from autoglm.errors import BrokerError, TopicMissingError
 from autoglm.streams.control import ControlClient, decode_status
@@ -66,7 +65,20 @@ class ConsoleFeed:
 
     async def start(self) -> None:
         """Start following both topics in the background."""
-        self._tasks = [asyncio.ensure_future(self._follow_status()), asyncio.ensure_future(self._follow_dlq())]
+        self._tasks = [asyncio.ensure_future(self._supervise(self._follow_status)),
+                       asyncio.ensure_future(self._supervise(self._follow_dlq))]
+
+    async def _supervise(self, follow: Callable[[], Any]) -> None:
+        """Run a reader; when the broker fails it, start it again after ``retry_s`` (from its start
+        position: status events read twice change nothing, the state keeps the newest)."""
+        while True:
+            try:
+                await follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("console: %s failed, restarting in %.0f s: %r", follow.__name__, self.retry_s, exc)
+                await asyncio.sleep(self.retry_s)
 
     async def stop(self) -> None:
         """Stop the readers and the control client."""
@@ -131,9 +143,6 @@ class ConsoleFeed:
                         self._on_status(doc)
                 if not self.status_ready.is_set() and await consumer.position(tp) >= end:
                     self.status_ready.set()
-        except KafkaError as exc:
-            log.warning("console: status reader stopped: %r", exc)
-            raise
         finally:
             await consumer.stop()
 

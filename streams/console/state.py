@@ -251,9 +251,13 @@ class ConsoleState:
         updates.insert(0, {"type": "worker", "worker": self.worker_view(worker, time_ms)})
         return updates
 
-    def observe_dead_letter(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    def observe_dead_letter(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
         """Keep one dead letter (``topic``, ``partition``, ``offset``, ``timestamp_ms``, ``headers``
-        as a str -> str map, ``key``, ``size``); returns the update to push."""
+        as a str -> str map, ``key``, ``size``); returns the update to push, or None for a record
+        already kept (a reader restarted after a broker error reads the last ones again)."""
+        if any(r["dlq_partition"] == record.get("partition") and r["dlq_offset"] == record.get("offset")
+               for r in self.dead_letters):
+            return None
         headers = record.get("headers") or {}
         row = {
             "dlq_partition": record.get("partition"), "dlq_offset": record.get("offset"),

@@ -89,7 +89,9 @@ class Console:
             self._broadcast(self._workers_message())
 
     def _on_dead_letter(self, record: dict[str, Any]) -> None:
-        self._broadcast(self.state.observe_dead_letter(record))
+        update = self.state.observe_dead_letter(record)
+        if update is not None:
+            self._broadcast(update)
 
     def _workers_message(self) -> dict[str, Any]:
         now = now_ms()

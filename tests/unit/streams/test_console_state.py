@@ -133,6 +133,9 @@ def test_dead_letters_keep_the_last_n_with_their_headers():
                                            "autoglm.source.partition": "1", "autoglm.source.offset": str(offset)}})
     rows = list(s.dead_letters)
     assert [r["source_offset"] for r in rows] == ["1", "2"]
+    # read again (a restarted reader): kept once
+    assert s.observe_dead_letter({"topic": "p.dlq", "partition": 0, "offset": 2, "headers": {}}) is None
+    assert len(s.dead_letters) == 2
     assert rows[0]["code"] == "bad_json" and rows[0]["source_topic"] == "p.tasks.digits"
 
 
