@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     - ``metrics_host="127.0.0.1"``: the Prometheus endpoint (``metrics_port``) is
       reachable from this machine only; set ``0.0.0.0`` in a container so that
       Prometheus can scrape it.
+    - ``otel=False``: with ``AUTOGLM_OTEL=1`` the worker traces each batch with
+      OpenTelemetry (``process``/``send`` spans linked to each task's ``traceparent``,
+      exported with OTLP to ``OTEL_EXPORTER_OTLP_ENDPOINT``); needs the ``otel`` extra.
     - ``console_token``: the ops console's token (>= 16 chars); unset, ``autoglm
       console`` makes a random one per start and prints the URL that carries it
       (as Jupyter does).
@@ -133,6 +136,8 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=120.0, gt=0.0)
     stop_timeout_s: float = Field(default=30.0, gt=0.0)
     control_key: SecretStr | None = Field(default=None, description="shared HMAC-SHA256 key; control events must be signed")
+    #: OpenTelemetry spans per batch, exported with OTLP (the `otel` extra; streams/tracing.py)
+    otel: bool = False
     # ops console (`autoglm console`)
     console_token: SecretStr | None = Field(default=None, description="token of the ops console; unset: a random one per start")
     # broker security, passed to every Kafka client (producer, consumers, admin)
