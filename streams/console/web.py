@@ -42,7 +42,6 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
-STATE_KEY = web.AppKey("console", object)
 
 
 def now_ms() -> int:
@@ -134,7 +133,6 @@ class Console:
     def app(self) -> web.Application:
         """The aiohttp application."""
         app = web.Application(middlewares=[self._guard], client_max_size=64 * 1024)
-        app[STATE_KEY] = self
         app.router.add_get("/login", self.login)
         app.router.add_get("/", self.index)
         app.router.add_get("/api/state", self.api_state)
