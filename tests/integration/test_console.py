@@ -3,7 +3,8 @@
 The page must show both workers live and their throughput while tasks flow; a click on
 "pause" for one model makes both workers acknowledge and show it paused, and no result of
 that model is produced after the acknowledgement (read from Kafka) while the other model
-is still served; "resume" serves it again; a bad ``configure`` value shows ctl's range error
+is still served (the workers require signed control events: the console signs with the key,
+which neither the page nor the log shows); "resume" serves it again; a bad ``configure`` value shows ctl's range error
 and publishes nothing; a request without the token, or from another origin, changes nothing.
 
 Skips only when no ``chromium`` is on PATH (CI installs it: ``.ci/run``).
@@ -36,6 +37,8 @@ pytestmark = pytest.mark.integration
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "console-test-token-0123456789abcdef"
+#: workers require signed control events: every click's ack "ok" shows the console signed it
+CONTROL_KEY = "console-test-control-key-fedcba9876543210"
 MODELS = ("digits", "digits-linear")
 
 
@@ -78,7 +81,7 @@ def http(url: str, *, method: str = "GET", body: bytes | None = None, headers: d
 def console_proc(kafka_bootstrap, prefix, tmp_path):
     port = free_port()
     env = {**os.environ, "AUTOGLM_BOOTSTRAP_SERVERS": kafka_bootstrap, "AUTOGLM_TOPIC_PREFIX": prefix,
-           "AUTOGLM_CONSOLE_TOKEN": TOKEN}
+           "AUTOGLM_CONSOLE_TOKEN": TOKEN, "AUTOGLM_CONTROL_KEY": CONTROL_KEY}
     log = open(tmp_path / "console.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "autoglm", "console", "--port", str(port),
                              "--ack-timeout-s", "15"], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -98,7 +101,8 @@ async def test_console_watches_and_steers_two_workers(kafka_bootstrap, prefix, w
 
     base, console_log = console_proc
     await create_topics(kafka_bootstrap, prefix, models=MODELS, partitions=2)
-    procs = [workers.start(kafka_bootstrap, prefix, ",".join(MODELS), status_interval_s="1", partitions="2")
+    procs = [workers.start(kafka_bootstrap, prefix, ",".join(MODELS), status_interval_s="1", partitions="2",
+                           control_key=CONTROL_KEY)
              for _ in range(2)]
     alive = lambda: all(p.poll() is None for p in procs)  # noqa: E731
 
@@ -118,7 +122,7 @@ async def test_console_watches_and_steers_two_workers(kafka_bootstrap, prefix, w
         try:
             await page.goto(f"{base}/login?token={TOKEN}")
             assert page.url == f"{base}/", "login must redirect to the page (token out of the address bar)"
-            assert TOKEN not in await page.content()
+            assert TOKEN not in await page.content() and CONTROL_KEY not in await page.content()
             for w in ("w0", "w1"):
                 await expect(page.locator(f'#workers tr[data-worker="{w}"] .badge')).to_have_text("live", timeout=120_000)
             await expect(page.locator('#workers tr[data-worker="w0"] td.state')).to_contain_text("digits: running",
@@ -201,4 +205,5 @@ async def test_console_watches_and_steers_two_workers(kafka_bootstrap, prefix, w
             await browser.close()
     log_text = Path(console_log).read_text(errors="replace")
     assert TOKEN not in log_text, "the console token reached the console's log"
+    assert CONTROL_KEY not in log_text
     assert alive(), workers.log(procs[1])
