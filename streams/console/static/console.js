@@ -181,7 +181,8 @@ function renderModels() {
       el("div", { class: "charts" },
         chart(model, "throughput_per_s", "throughput, tasks/s"),
         chart(model, "p99_ms", "p99 end to end, ms", targetLine(model)),
-        chart(model, "mean_batch_size", "mean batch (solid) vs adaptive target (dashed)", null, "target_size")));
+        chart(model, "mean_batch_size", "mean batch (solid) vs adaptive target (dashed), log scale", null,
+          "target_size", true)));
     return card;
   });
   box.replaceChildren(...cards);
@@ -194,7 +195,7 @@ function targetLine(model) {
 
 // ---- charts (SVG) -----------------------------------------------------------------
 
-function chart(model, field, title, refValue = null, dashedField = null) {
+function chart(model, field, title, refValue = null, dashedField = null, logScale = false) {
   const W = 420, H = 150, L = 44, R = 8, T = 18, B = 20;
   const now = Date.now() - view.skewMs;
   const series = [];
@@ -206,13 +207,16 @@ function chart(model, field, title, refValue = null, dashedField = null) {
   }
   let max = refValue || 0;
   for (const s of series) for (const p of s.points) if (p[s.field] !== null && p[s.field] > max) max = p[s.field];
-  max = max > 0 ? max * 1.1 : 1;
+  max = logScale ? Math.max(2, max * 1.2) : max > 0 ? max * 1.1 : 1;
   // the x axis spans the data kept, from 2 minutes up to the 15-minute horizon
   let oldest = now;
   for (const s of series) if (s.points.length && s.points[0].t < oldest) oldest = s.points[0].t;
   const span = Math.min(HORIZON_MS, Math.max(2 * 60000, Math.ceil((now - oldest) / 60000) * 60000));
   const x = (t) => L + ((t - (now - span)) / span) * (W - L - R);
-  const y = (v) => T + (1 - v / max) * (H - T - B);
+  // log scale (batch sizes: a target of 256 and batches of 4 on one chart): log2, from 1
+  const y = logScale
+    ? (v) => T + (1 - Math.log2(Math.max(v, 1)) / Math.log2(max)) * (H - T - B)
+    : (v) => T + (1 - v / max) * (H - T - B);
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
@@ -226,10 +230,13 @@ function chart(model, field, title, refValue = null, dashedField = null) {
     return n;
   };
   add("text", { x: L, y: 12, class: "chart-title" }, title);
-  for (const frac of [0, 0.5, 1]) {
-    const v = max * frac;
+  const ticks = logScale
+    ? [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536].filter((v) => v <= max)
+    : [0, 0.5, 1].map((frac) => max * frac);
+  for (const v of ticks) {
     add("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" });
-    add("text", { x: L - 4, y: y(v) + 4, class: "tick", "text-anchor": "end" }, v >= 100 ? v.toFixed(0) : v.toFixed(1));
+    add("text", { x: L - 4, y: y(v) + 4, class: "tick", "text-anchor": "end" },
+      logScale || v >= 100 ? v.toFixed(0) : v.toFixed(1));
   }
   const step = span > 6 * 60000 ? 5 : span > 3 * 60000 ? 2 : 1;
   for (let minutes = Math.floor(span / 60000 / step) * step; minutes >= 0; minutes -= step) {
