@@ -1,4 +1,4 @@
-"""The ``autoglm`` command: worker, publish, results, demo, ctl, status."""
+"""The ``autoglm`` command: worker, publish, results, demo, ctl, status, console."""
 
 from __future__ import annotations
 
@@ -209,6 +209,9 @@ def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wa
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
     _print_outcome(outcome, wait=wait, as_json=as_json)
+    reports = {w: a["report"] for w, a in outcome.acks.items() if isinstance(a.get("report"), dict)}
+    if reports and not as_json:
+        _print_figures(reports, title=f"status reports of {len(reports)} worker(s)")
     if wait and (not outcome.ok or (worker_id is not None and outcome.live and worker_id not in outcome.live)):
         raise typer.Exit(1)
 
@@ -327,29 +330,94 @@ def status(
 
         typer.echo(orjson.dumps(live).decode())
         return
+    _print_figures(live, title=f"{len(live)} live worker(s)")
+
+
+#: What each column of the status tables covers (README "Status events").
+FIGURE_WINDOWS = ("tasks/s, p50, p99, batch: the last heartbeat interval (window s); served, errors: since the "
+                  "worker started; target, queue, lag, in flight: when the report was built")
+
+
+def _print_figures(reports: dict, *, title: str) -> None:
+    """One row per worker and model from status reports (heartbeats or ``ctl status`` acks)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(live)} live worker(s)")
-    for col in ("worker", "model", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "target", "queue", "lag",
-                "in flight"):
+    table = Table(title=title, caption=FIGURE_WINDOWS)
+    for col in ("worker", "model", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "window s", "served", "errors",
+                "target", "queue", "lag", "in flight"):
         table.add_column(col, justify="left" if col in ("worker", "model", "state") else "right")
 
     def num(value, fmt="{:.1f}") -> str:
         return "-" if value is None else fmt.format(value)
 
-    for worker_id, hb in sorted(live.items()):
+    for worker_id, hb in sorted(reports.items()):
         state = hb.get("state", {})
+        cap = hb.get("max_in_flight")
+        in_flight = num(hb.get("in_flight"), "{}") + (f"/{cap}" if cap else "")
         for model, fig in sorted(hb.get("models", {}).items()):
             mstate = state.get("models", {}).get(model, {})
             label = ("drained" if state.get("drained") else "draining" if state.get("draining")
                      else "paused" if mstate.get("paused") else "running")
+            totals = fig.get("totals") or {}
+            errors = sum(v for k, v in totals.items() if k != "ok") if totals else None
             table.add_row(worker_id, model, label, num(fig.get("throughput_per_s")), num(fig.get("p50_ms")),
-                          num(fig.get("p99_ms")), num(fig.get("mean_batch_size")),
+                          num(fig.get("p99_ms")), num(fig.get("mean_batch_size")), num(hb.get("window_s")),
+                          num(fig.get("served_total"), "{}"), num(errors, "{}"),
                           num(fig.get("target_size"), "{}"), num(fig.get("queue_depth"), "{}"),
-                          num(fig.get("lag"), "{}"), num(hb.get("in_flight"), "{}"))
+                          num(fig.get("lag"), "{}"), in_flight)
     # not a terminal (a pipe, grep): never wrap or cut the cells
     Console(width=None if sys.stdout.isatty() else 250, soft_wrap=not sys.stdout.isatty()).print(table)
+    for worker_id, hb in sorted(reports.items()):
+        worker_totals = hb.get("totals")
+        if worker_totals:
+            shown = ", ".join(f"{k} {v}" for k, v in worker_totals.items())
+            typer.echo(f"{worker_id} since start ({num(hb.get('uptime_s'), '{:.0f}')} s): {shown}")
+
+
+@app.command()
+def console(
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+    port: int = typer.Option(8321, "--port", min=0, max=65535, help="port to bind"),
+    ack_timeout_s: float = typer.Option(30.0, "--ack-timeout-s", min=0.1,
+                                        help="seconds before a targeted worker without an ack shows as missing"),
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+    prefix: Optional[str] = PrefixOpt,
+) -> None:
+    """Serve the ops page: live workers and models over Server-Sent Events, pause/resume/drain/configure.
+
+    Every request needs the token (AUTOGLM_CONSOLE_TOKEN, or a random one printed at start);
+    control events are signed with AUTOGLM_CONTROL_KEY when it is set.
+    """
+    settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
+    servers = _need_broker(settings)
+    logging.getLogger("autoglm").setLevel(settings.log_level)
+    logging.getLogger("aiohttp.access").setLevel(logging.INFO)
+    from aiohttp import web
+
+    from autoglm.streams.console.feed import ConsoleFeed
+    from autoglm.streams.console.guard import new_token
+    from autoglm.streams.console.web import Console, PathOnlyAccessLogger
+
+    given = settings.console_token.get_secret_value() if settings.console_token is not None else None
+    token = given or new_token()
+    kwargs = _kafka_kwargs(settings)
+    server = Console(
+        lambda on_status, on_dead_letter: ConsoleFeed(
+            servers, prefix=settings.topic_prefix, on_status=on_status, on_dead_letter=on_dead_letter,
+            control_key=settings.control_key_bytes, client_kwargs=kwargs),
+        token=token, ack_timeout_s=ack_timeout_s,
+    )
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    if given:
+        typer.echo(f"ops console on http://{shown}:{port}/ (token from AUTOGLM_CONSOLE_TOKEN)")
+    else:  # like Jupyter: the URL with a fresh token, on the terminal only (never in a log)
+        typer.echo(f"ops console on http://{shown}:{port}/login?token={token}")
+    signing = "signed with AUTOGLM_CONTROL_KEY" if settings.control_key is not None else "unsigned"
+    typer.echo(f"topics {settings.topic_prefix}.status / .dlq on {','.join(servers)}; control events {signing}")
+    # shutdown_timeout: open event streams (browsers) would otherwise hold a stop for aiohttp's 60 s
+    web.run_app(server.app(), host=host, port=port, print=None, access_log_class=PathOnlyAccessLogger,
+                handle_signals=True, shutdown_timeout=3.0)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ ENV_PREFIX = "AUTOGLM_"
 FIXED_MAX_BATCH_SIZE = 32
 FIXED_MAX_WAIT_S = 0.010
 #: Never echoed in error messages.
-SECRET_FIELDS = ("control_key", "sasl_password")
+SECRET_FIELDS = ("control_key", "sasl_password", "console_token")
 
 
 def _default_worker_id() -> str:
@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     - ``stop_timeout_s=30``: on SIGTERM, the longest the worker waits for its
       partial batches to be served and delivered before it commits and leaves
       (give the process manager a longer grace period, e.g. compose's 60 s).
+    - ``metrics_host="127.0.0.1"``: the Prometheus endpoint (``metrics_port``) is
+      reachable from this machine only; set ``0.0.0.0`` in a container so that
+      Prometheus can scrape it.
+    - ``otel=False``: with ``AUTOGLM_OTEL=1`` the worker traces each batch with
+      OpenTelemetry (``process``/``send`` spans linked to each task's ``traceparent``,
+      exported with OTLP to ``OTEL_EXPORTER_OTLP_ENDPOINT``); needs the ``otel`` extra.
+    - ``console_token``: the ops console's token (>= 16 chars); unset, ``autoglm
+      console`` makes a random one per start and prints the URL that carries it
+      (as Jupyter does).
     - ``control_key``: unset means control events are not signed (fine on a
       private broker); set it (>= 16 chars) on every worker and ops client to
       require HMAC-SHA256 signatures.
@@ -103,6 +112,8 @@ class Settings(BaseSettings):
     max_wait_s: float = Field(default=ADAPTIVE_MAX_WAIT_S, ge=0.0, le=60.0)
     aging_per_s: float = Field(default=1.0, ge=0.0)
     metrics_port: int | None = Field(default=None, ge=0, le=65_535)
+    #: the address the Prometheus endpoint binds: loopback by default, 0.0.0.0 in containers
+    metrics_host: str = Field(default="127.0.0.1", min_length=1, max_length=255)
     max_in_flight: int = Field(default=1024, ge=1)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     commit_interval_s: float = Field(default=1.0, gt=0.0, le=60.0)
@@ -125,6 +136,10 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=120.0, gt=0.0)
     stop_timeout_s: float = Field(default=30.0, gt=0.0)
     control_key: SecretStr | None = Field(default=None, description="shared HMAC-SHA256 key; control events must be signed")
+    #: OpenTelemetry spans per batch, exported with OTLP (the `otel` extra; streams/tracing.py)
+    otel: bool = False
+    # ops console (`autoglm console`)
+    console_token: SecretStr | None = Field(default=None, description="token of the ops console; unset: a random one per start")
     # broker security, passed to every Kafka client (producer, consumers, admin)
     security_protocol: str = Field(default="PLAINTEXT", pattern=r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$")
     ssl_cafile: str | None = None
@@ -142,6 +157,12 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one model name is needed, e.g. digits,minilm")
         return value
+
+    @field_validator("console_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: Any) -> Any:
+        """``AUTOGLM_CONSOLE_TOKEN=`` (compose's ``${AUTOGLM_CONSOLE_TOKEN:-}``) means: make a random one."""
+        return None if value == "" else value
 
     @field_validator("fallbacks", mode="before")
     @classmethod
@@ -192,6 +213,8 @@ class Settings(BaseSettings):
                 "max_task_bytes (AUTOGLM_MAX_TASK_BYTES) and max_result_bytes (AUTOGLM_MAX_RESULT_BYTES) "
                 f"must not exceed max_message_bytes (AUTOGLM_MAX_MESSAGE_BYTES) = {self.max_message_bytes}"
             )
+        if self.console_token is not None and len(self.console_token.get_secret_value()) < 16:
+            raise ValueError("console_token (AUTOGLM_CONSOLE_TOKEN) must be at least 16 characters")
         if self.control_key is not None and len(self.control_key.get_secret_value()) < 16:
             raise ValueError("control_key (AUTOGLM_CONTROL_KEY) must be at least 16 characters")
         return self

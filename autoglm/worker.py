@@ -122,15 +122,15 @@ def worker_config(settings: Settings) -> "WorkerConfig":
     )
 
 
-def worker_metrics(settings: Settings) -> BatchMetrics:
-    """Prometheus metrics on ``127.0.0.1:METRICS_PORT`` when the port is set, else none."""
+def worker_metrics(settings: Settings) -> BatchMetrics | None:
+    """Prometheus metrics on ``METRICS_HOST:METRICS_PORT`` when the port is set, else None."""
     if settings.metrics_port is None:
-        return BatchMetrics()
+        return None
     from prometheus_client import start_http_server
 
     prom = PrometheusMetrics()
-    start_http_server(settings.metrics_port, addr="127.0.0.1", registry=prom.registry)
-    log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
+    start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=prom.registry)
+    log.info("Prometheus metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
     return prom
 
 

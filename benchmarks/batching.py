@@ -138,12 +138,19 @@ class Inputs:
         return Task(id=task_id, model=self.model, inputs=[self.texts[i % len(self.texts)]], created_ms=now_ms())
 
 
-def poisson_trace(capacity_per_s: float, phase_s: float, repeats: int, seed: int = 7) -> list[tuple[float, str]]:
+def phases_with_peak(peak: float) -> list[tuple[str, float]]:
+    """The trace's phases with the burst at ``peak`` times capacity (2.0: above it, the default;
+    about 0.9: peaks below capacity, where the batch size the policy picks matters more than the queue)."""
+    return [(name, peak if name == "burst" else level) for name, level in PHASES]
+
+
+def poisson_trace(capacity_per_s: float, phase_s: float, repeats: int, seed: int = 7,
+                  phases: list[tuple[str, float]] | None = None) -> list[tuple[float, str]]:
     """(send time in s, phase name) of an open-loop Poisson trace over the phases, repeated."""
     rng = np.random.default_rng(seed)
     out, t0 = [], 0.0
     for _ in range(repeats):
-        for name, level in PHASES:
+        for name, level in phases or PHASES:
             rate = level * capacity_per_s
             t = t0 + rng.exponential(1 / rate)
             while t < t0 + phase_s:
@@ -392,6 +399,7 @@ def main(
     bootstrap_servers: str = typer.Option(None, help="use this Kafka instead of starting one"),
     embedded: bool = typer.Option(False, help="use the embedded broker instead of Apache Kafka"),
     update_readme: bool = typer.Option(False, help="rewrite the table in benchmarks/README.md"),
+    peak: float = typer.Option(2.0, help="the burst phase's load, times capacity (0.9: peaks below capacity)"),
 ) -> None:
     """Run figure A (and L, T) and write JSON + PNG into benchmarks/results/."""
     from rich.console import Console
@@ -416,7 +424,8 @@ def main(
         kafka_port = free_port()
         console.print("starting Apache Kafka ...")
         bootstrap, broker_name = start_kafka(kafka_port), "Apache Kafka 4.1.1 (KRaft, single node)"
-    report: dict[str, Any] = {"stamp": stamp, "machine": machine(), "broker": broker_name, "models": {}}
+    report: dict[str, Any] = {"stamp": stamp, "machine": machine(), "broker": broker_name, "models": {},
+                              "phases": phases_with_peak(peak)}
     try:
         for model in models.split(","):
             inputs = Inputs(model)
@@ -443,7 +452,7 @@ def main(
                     stop_worker(proc)
                     log.unlink(missing_ok=True)
             capacity = float(np.mean(capacities))
-            trace = poisson_trace(capacity, phase_s, repeats)
+            trace = poisson_trace(capacity, phase_s, repeats, phases=phases_with_peak(peak))
             console.print(f"[bold]{model}[/]: capacity {capacity:.0f}/s; trace of {len(trace)} tasks over "
                           f"{phase_s * len(PHASES) * repeats:.0f} s")
             per_round: dict[str, list[dict[str, Any]]] = {s.name: [] for s in settings}

@@ -9,7 +9,19 @@ Prometheus names (per model label):
 - ``autoglm_service_fixed_seconds``, ``autoglm_service_per_task_seconds``,
   ``autoglm_service_spread_seconds`` gauges: the EWMA cost model ``a + b*n`` and its spread;
 - ``autoglm_batch_target_size`` gauge: the adaptive policy's current target size;
-- ``autoglm_latency_correction`` gauge: the feedback correction on the latency target.
+- ``autoglm_latency_correction`` gauge: the feedback correction on the latency target;
+- ``autoglm_in_flight_tasks`` and ``autoglm_in_flight_cap_tasks`` gauges (no label): tasks
+  received and not yet acknowledged, and the cap at which the worker stops fetching
+  (backpressure; ``MAX_IN_FLIGHT``);
+- ``autoglm_queue_depth_tasks`` gauge: tasks waiting for a micro-batch;
+- ``autoglm_consumer_lag_records{model, partition}`` gauge: log end offset minus committed
+  offset of each partition this worker owns (the LAG column of ``kafka-consumer-groups.sh``);
+  ``sum by (model)`` gives a model's lag.
+
+Who calls what: the pipeline calls ``observe_batch``, ``count_tasks`` and
+``set_policy_state`` per batch; the gauges are set by whoever knows the figure
+(:class:`~autoglm.streams.control.ControlPlane` sets them at every heartbeat from
+the same callables the heartbeat reads; a data path may set them more often).
 
 Registries are per instance (no module globals), so two workers in one
 process, or tests, never collide.
@@ -48,8 +60,75 @@ class BatchMetrics:
                               sigma_s=figures.service_spread_s or 0.0, target_size=figures.target_size,
                               correction=1.0 if figures.correction is None else figures.correction)
 
+    def set_in_flight(self, in_flight: int, cap: int | None = None) -> None:
+        """Tasks in flight now (received, not yet acknowledged), and the backpressure cap when known."""
+
+    def set_queue_depth(self, model: str, depth: int) -> None:
+        """Tasks of ``model`` waiting for a micro-batch now."""
+
+    def set_consumer_lag(self, model: str, partition: int, lag: int) -> None:
+        """Records behind (log end offset minus committed offset) on one owned partition of ``model``."""
+
+    def forget_partition(self, model: str, partition: int) -> None:
+        """The partition was revoked: stop exporting its lag (another worker reports it now)."""
+
 
 NoopMetrics = BatchMetrics
+
+
+class TaskTotals(BatchMetrics):
+    """Results per model and status since start, for heartbeats (records nothing else).
+
+    ``snapshot()`` -> ``{model: {"ok": n, "error": n, "expired": n, "rejected": n}}``, only the
+    statuses seen. ``rejected`` counts tasks dead-lettered on receipt (the pipeline's
+    ``count_tasks(model, "rejected")``).
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, dict[str, int]] = {}
+
+    def count_tasks(self, model: str, status: str, n: int = 1) -> None:
+        by_status = self._counts.setdefault(model, {})
+        by_status[status] = by_status.get(status, 0) + n
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Copies of the counts (JSON-ready)."""
+        return {model: dict(counts) for model, counts in self._counts.items()}
+
+
+class MetricsGroup(BatchMetrics):
+    """Forwards every call to each of ``members`` (e.g. Prometheus and :class:`TaskTotals`)."""
+
+    def __init__(self, *members: BatchMetrics):
+        self.members = members
+
+    def observe_batch(self, model: str, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None:
+        for m in self.members:
+            m.observe_batch(model, size, inference_s, queue_waits_s)
+
+    def count_tasks(self, model: str, status: str, n: int = 1) -> None:
+        for m in self.members:
+            m.count_tasks(model, status, n)
+
+    def set_policy_state(self, model: str, **state: float) -> None:  # type: ignore[override]
+        for m in self.members:
+            m.set_policy_state(model, **state)
+
+    def set_in_flight(self, in_flight: int, cap: int | None = None) -> None:
+        for m in self.members:
+            m.set_in_flight(in_flight, cap)
+
+    def set_queue_depth(self, model: str, depth: int) -> None:
+        for m in self.members:
+            m.set_queue_depth(model, depth)
+
+    def set_consumer_lag(self, model: str, partition: int, lag: int) -> None:
+        for m in self.members:
+            m.set_consumer_lag(model, partition, lag)
+
+    def forget_partition(self, model: str, partition: int) -> None:
+        for m in self.members:
+            m.forget_partition(model, partition)
 
 
 class PrometheusMetrics(BatchMetrics):
@@ -71,6 +150,13 @@ class PrometheusMetrics(BatchMetrics):
         self.target = Gauge("autoglm_batch_target_size", "Adaptive target batch size", ["model"], registry=r)
         self.correction = Gauge("autoglm_latency_correction", "Feedback correction on the target", ["model"],
                                 registry=r)
+        self.in_flight = Gauge("autoglm_in_flight_tasks", "Tasks received and not yet acknowledged", registry=r)
+        self.in_flight_cap = Gauge("autoglm_in_flight_cap_tasks", "In-flight cap (backpressure above it)",
+                                   registry=r)
+        self.queue_depth = Gauge("autoglm_queue_depth_tasks", "Tasks waiting for a micro-batch", ["model"],
+                                 registry=r)
+        self.lag = Gauge("autoglm_consumer_lag_records", "Log end offset minus committed offset",
+                         ["model", "partition"], registry=r)
 
     def observe_batch(self, model: str, size: int, inference_s: float, queue_waits_s: Sequence[float]) -> None:
         self.batch_size.labels(model).observe(size)
@@ -90,9 +176,26 @@ class PrometheusMetrics(BatchMetrics):
         self.target.labels(model).set(target_size)
         self.correction.labels(model).set(correction)
 
+    def set_in_flight(self, in_flight: int, cap: int | None = None) -> None:
+        self.in_flight.set(in_flight)
+        if cap is not None:
+            self.in_flight_cap.set(cap)
+
+    def set_queue_depth(self, model: str, depth: int) -> None:
+        self.queue_depth.labels(model).set(depth)
+
+    def set_consumer_lag(self, model: str, partition: int, lag: int) -> None:
+        self.lag.labels(model, str(partition)).set(lag)
+
+    def forget_partition(self, model: str, partition: int) -> None:
+        try:
+            self.lag.remove(model, str(partition))
+        except KeyError:
+            pass
+
 
 class WindowStats:
-    """Per-model figures over one heartbeat window (reset by :meth:`take`).
+    """Per-model figures over one heartbeat window (reset by :meth:`take`), plus totals since start.
 
     Keeps at most ``max_samples`` latencies per window (the most recent ones),
     so memory is bounded however fast results flow; percentiles are then over
@@ -109,12 +212,16 @@ class WindowStats:
         self.results = 0
         self.batches = 0
         self.batched_tasks = 0
+        self.results_total = 0
+        self.batches_total = 0
 
     def observe_batch(self, size: int, end_to_end_s: Sequence[float]) -> None:
         """One served batch of ``size`` tasks and their end-to-end latencies in seconds."""
         self.batches += 1
         self.batched_tasks += size
         self.results += len(end_to_end_s)
+        self.results_total += len(end_to_end_s)
+        self.batches_total += 1
         self._latencies_s.extend(end_to_end_s)
 
     def take(self, window_s: float, *, reset: bool = True) -> dict[str, float | int | None]:
@@ -125,8 +232,10 @@ class WindowStats:
             reset: start a new window (heartbeats do; an on-demand status report does not).
 
         Returns:
-            ``results``, ``throughput_per_s``, ``p50_ms``, ``p99_ms`` (None when no
-            result), ``mean_batch_size`` (None when no batch).
+            Over the window: ``results``, ``throughput_per_s``, ``p50_ms``, ``p99_ms``
+            (None when no result), ``mean_batch_size`` (None when no batch). Since
+            start (never reset): ``served_total`` (results of served batches, any
+            status) and ``batches_total``.
         """
         lat = sorted(self._latencies_s)
 
@@ -141,6 +250,8 @@ class WindowStats:
             "p50_ms": rank(0.50),
             "p99_ms": rank(0.99),
             "mean_batch_size": self.batched_tasks / self.batches if self.batches else None,
+            "served_total": self.results_total,
+            "batches_total": self.batches_total,
         }
         if reset:
             self._latencies_s.clear()

@@ -51,8 +51,8 @@ MAX_BATCH_SIZE = Tunable("max_batch_size", (int,), 1, 65_536)
 MAX_WAIT_S = Tunable("max_wait_s", (int, float), 0.0, 60.0)
 
 TUNABLES: dict[str, Tunable] = {t.name: t for t in (LATENCY_TARGET_S, MAX_BATCH_SIZE, MAX_WAIT_S)}
-#: every parameter ``configure`` accepts (the three above and ``mode``)
-CONFIGURE_PARAMS = (*TUNABLES, "mode")
+#: every parameter ``configure`` accepts (the three above and ``mode``) and the types it may have
+CONFIGURE_PARAMS: dict[str, tuple[type, ...]] = {**{n: t.types for n, t in TUNABLES.items()}, "mode": (str,)}
 
 
 def check_tunables(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from autoglm.processors.errors import BrokerError
 from autoglm.processors.adaptive import AdaptiveBatchPolicy
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.control import ControlState
-from autoglm.processors.metrics import BatchMetrics
+from autoglm.processors.metrics import BatchMetrics, MetricsGroup, TaskTotals
 from autoglm.streams.consumer import ConsumerConfig, TaskConsumer  # noqa: F401  (ConsumerConfig: re-exported)
 from autoglm.streams.control import ControlPlane
 from autoglm.streams.pipeline import TaskPipeline
@@ -126,6 +126,10 @@ class Worker(Service):
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.config = config
+        #: results per model and status since start (heartbeat totals), beside the given metrics
+        self.totals = TaskTotals()
+        self.metrics: BatchMetrics = self.totals if metrics is None else MetricsGroup(metrics, self.totals)
+        metrics = self.metrics
         self.names = names = TopicNames(config.prefix)
         cc = config.consumer
         if policies is None:
@@ -162,7 +166,7 @@ class Worker(Service):
             self.pipeline,
             is_paused=lambda tp: self.control_state.is_paused(names.model_of(tp.topic)),
             before_revoke=self._before_revoke,
-            after_revoke=self.pipeline.revoke,
+            after_revoke=self._after_revoke,
             on_assigned=self.pipeline.assigned,
             before_stop=self._before_stop,
         )
@@ -170,7 +174,9 @@ class Worker(Service):
             bootstrap_servers=cc.bootstrap_servers, names=names, state=self.control_state,
             produce=self._send_status, configure=lambda model, params: self.pipeline.configure(model, **params),
             drain=self.drain, figures=self.pipeline.figures, lag=self.lag_per_model,
-            in_flight=lambda: self.pipeline.in_flight, key=config.control_key,
+            in_flight=lambda: self.pipeline.in_flight, max_in_flight=cc.max_in_flight,
+            counters=lambda: dataclasses.asdict(self.pipeline.counters), totals=self.totals.snapshot,
+            metrics=self.metrics, key=config.control_key,
             status_interval_s=config.status_interval_s, drain_timeout_s=config.drain_timeout_s,
             client_kwargs=cc.client_kwargs,
         )
@@ -238,6 +244,13 @@ class Worker(Service):
         if self.settler is not None and not await self.settler.flush(timeout_s=rebalance_s / 3):
             log.warning("transactions still in progress while partitions are revoked")
 
+    def _after_revoke(self, tps: list[TopicPartition]) -> None:
+        self.pipeline.revoke(tps)
+        for tp in tps:
+            model = self.names.model_of(tp.topic)
+            if model is not None:
+                self.metrics.forget_partition(model, tp.partition)  # its new owner reports its lag
+
     async def _before_stop(self) -> None:
         self.pipeline.set_flushing(True)
         await self.pipeline.stop(timeout_s=self.config.stop_timeout_s)
@@ -265,13 +278,13 @@ class Worker(Service):
             self.pipeline.set_flushing(False)
         return {"in_flight": self.pipeline.in_flight, "served": self.pipeline.counters.received}
 
-    async def lag_per_model(self) -> dict[str, int | None]:
-        """Consumer lag per model over this worker's partitions (records)."""
-        lags: dict[str, int | None] = {}
+    async def lag_per_model(self) -> dict[str, dict[int, int]]:
+        """Consumer lag (records) per model and partition, over this worker's partitions."""
+        lags: dict[str, dict[int, int]] = {}
         for tp, lag in (await self.consumer.lag()).items():
             model = self.names.model_of(tp.topic)
             if model is not None:
-                lags[model] = (lags.get(model) or 0) + lag
+                lags.setdefault(model, {})[tp.partition] = lag
         return lags
 
 

@@ -16,7 +16,16 @@ Wire formats (``autoglm.status/v1``, keyed by worker id)::
      "command": "pause", "status": "ok" | "rejected" | "ignored", "reason": "...",
      "state": {...}, "time_ms": ..., "report": {...}?}
     {"schema": "autoglm.status/v1", "kind": "heartbeat", "worker": "...", "time_ms": ...,
-     "interval_s": 5.0, "state": {...}, "models": {"<model>": {figures}}, "in_flight": n}
+     "interval_s": 5.0, "window_s": 5.0, "started_ms": ..., "uptime_s": ..., "state": {...},
+     "models": {"<model>": {figures}}, "in_flight": n, "max_in_flight": n?, "totals": {...}?}
+
+Which figure covers which window (README "Status events"): per model, ``results``,
+``throughput_per_s``, ``p50_ms``, ``p99_ms`` and ``mean_batch_size`` cover the last
+``window_s`` seconds (since the previous heartbeat); ``served_total``, ``batches_total``
+and ``totals`` (per status) count since the worker started; the worker's ``totals``
+(received, results by status, dead letters, ...) count since start; ``queue_depth``,
+``lag``, ``in_flight``, ``target_size`` and the EWMA estimates are read when the
+heartbeat is built.
     {"schema": "autoglm.status/v1", "kind": "stopped", "worker": "...", "time_ms": ...}
 
 Signatures: with a shared key configured, a control event carries
@@ -43,6 +52,7 @@ from aiokafka.errors import KafkaError
 
 from autoglm.processors.errors import BrokerError, ControlSignatureError, EventDecodeError, EventError, TopicMissingError
 from autoglm.processors.control import ControlState, Decision, check_configure_params, control_key
+from autoglm.processors.metrics import BatchMetrics
 from autoglm.streams.codec import dumps, loads
 from autoglm.streams.events import (
     CONTROL_COMMANDS,
@@ -121,6 +131,19 @@ def decode_status(raw: bytes | None) -> dict[str, Any] | None:
     return doc
 
 
+def lag_figures(lag: int | Mapping[Any, int] | None) -> dict[str, Any]:
+    """A model's heartbeat lag figures from what the ``lag`` callable gave for it.
+
+    >>> lag_figures({0: 3, 1: 4})
+    {'lag': 7, 'lag_by_partition': {'0': 3, '1': 4}}
+    >>> lag_figures(5)
+    {'lag': 5}
+    """
+    if isinstance(lag, Mapping):
+        return {"lag": sum(lag.values()), "lag_by_partition": {str(p): v for p, v in sorted(lag.items())}}
+    return {"lag": lag}
+
+
 # -- the worker side ---------------------------------------------------------------
 
 
@@ -143,7 +166,18 @@ class ControlPlane:
         drain: coroutine that waits until nothing is in flight and everything
             is committed; returns figures for the ack.
         figures: ``figures(window_s, reset=bool)`` -> model -> heartbeat figures.
-        lag: coroutine -> model -> consumer lag (records) of this worker's partitions.
+        lag: coroutine -> model -> consumer lag (records) of this worker's partitions, either
+            one int per model or ``{partition: lag}`` per model (then the heartbeat shows the
+            sum, plus ``lag_by_partition``, and the per-partition gauge is set).
+        in_flight: tasks in flight now.
+        max_in_flight: the in-flight cap (shown in heartbeats and exported), None when unknown.
+        counters: ``counters()`` -> worker-wide totals since start (e.g. the pipeline's
+            counters: ``received``, ``results_ok``, ``results_error``, ``results_expired``,
+            ``dead_letters``, ...), sent as the heartbeat's ``totals``.
+        totals: ``totals()`` -> model -> results per status since start
+            (:meth:`~autoglm.processors.metrics.TaskTotals.snapshot`), sent as each model's ``totals``.
+        metrics: gauges set at every heartbeat (in flight and cap, queue depth, consumer lag);
+            see :class:`~autoglm.processors.metrics.BatchMetrics`.
         key: HMAC key, or None when control events are not signed.
         status_interval_s: heartbeat period, seconds.
         drain_timeout_s: the longest a drain may take before it is acked as failed.
@@ -162,6 +196,10 @@ class ControlPlane:
         figures: Callable[..., dict[str, dict[str, Any]]],
         lag: Callable[[], Awaitable[dict[str, int | None]]] | None = None,
         in_flight: Callable[[], int] = lambda: 0,
+        max_in_flight: int | None = None,
+        counters: Callable[[], Mapping[str, int]] | None = None,
+        totals: Callable[[], Mapping[str, Mapping[str, int]]] | None = None,
+        metrics: BatchMetrics | None = None,
         key: bytes | None = None,
         status_interval_s: float = 5.0,
         drain_timeout_s: float = 120.0,
@@ -176,6 +214,10 @@ class ControlPlane:
         self._figures = figures
         self._lag = lag
         self._in_flight = in_flight
+        self.max_in_flight = max_in_flight
+        self._counters = counters
+        self._totals = totals
+        self._metrics = metrics or BatchMetrics()
         self._key = key
         self.status_interval_s = status_interval_s
         self.drain_timeout_s = drain_timeout_s
@@ -186,6 +228,8 @@ class ControlPlane:
         self.ready = asyncio.Event()
         self.replayed = 0
         self._last_heartbeat_s = time.monotonic()
+        self._started_s = self._last_heartbeat_s
+        self.started_ms = now_ms()
 
     async def start(self) -> None:
         """Connect, then replay and follow the control topic in the background."""
@@ -321,21 +365,49 @@ class ControlPlane:
         if window:
             self._last_heartbeat_s = now
         models = self._figures(window_s, reset=window)
-        return {"models": models, "in_flight": self._in_flight(), "state": self.state.snapshot()}
+        if self._totals is not None:
+            by_model = self._totals()
+            for model, fig in models.items():
+                fig["totals"] = dict(by_model.get(model, {}))
+        report: dict[str, Any] = {
+            "models": models, "in_flight": self._in_flight(), "state": self.state.snapshot(),
+            "window_s": round(window_s, 3), "started_ms": self.started_ms,
+            "uptime_s": round(now - self._started_s, 3),
+        }
+        if self.max_in_flight is not None:
+            report["max_in_flight"] = self.max_in_flight
+        if self._counters is not None:
+            report["totals"] = dict(self._counters())
+        return report
 
     async def _heartbeat_once(self) -> None:
         report = self._report(window=True)
+        lags: Mapping[str, Any] = {}
         if self._lag is not None:
             try:
                 lags = await asyncio.wait_for(self._lag(), max(1.0, self.status_interval_s))
             except Exception as exc:
                 log.debug("consumer lag unavailable: %r", exc)
-                lags = {}
             for model, fig in report["models"].items():
-                fig["lag"] = lags.get(model)
+                fig.update(lag_figures(lags.get(model)))
+        self._export(report, lags)
         await self._send_status(encode_status(
             "heartbeat", self.state.worker_id, interval_s=self.status_interval_s, **report
         ))
+
+    def _export(self, report: Mapping[str, Any], lags: Mapping[str, Any]) -> None:
+        """Set the gauges from the heartbeat's figures (never lets a metrics error stop a heartbeat)."""
+        try:
+            self._metrics.set_in_flight(report["in_flight"], self.max_in_flight)
+            for model, fig in report["models"].items():
+                if fig.get("queue_depth") is not None:
+                    self._metrics.set_queue_depth(model, fig["queue_depth"])
+                by_partition = lags.get(model)
+                if isinstance(by_partition, Mapping):
+                    for partition, lag in by_partition.items():
+                        self._metrics.set_consumer_lag(model, int(partition), int(lag))
+        except Exception as exc:
+            log.warning("metrics not exported: %r", exc)
 
     async def _heartbeats(self) -> None:
         await self.ready.wait()

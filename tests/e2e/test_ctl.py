@@ -75,7 +75,7 @@ def table_states(stdout: str) -> dict[tuple[str, str], str]:
     rows = {}
     for line in stdout.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]
-        if len(cells) == 11 and cells[0] != "worker":
+        if len(cells) == 14 and cells[0] != "worker":
             rows[(cells[0], cells[1])] = cells[2]
     return rows
 
@@ -116,6 +116,11 @@ def test_pause_status_resume_against_apache_kafka(kafka_bootstrap, prefix, worke
     assert pause.stdout.startswith("sent pause all (event ")
     assert acked_lines(pause.stdout) == {"w0": "ok", "w1": "ok"}
     wait_table(env, {k: "paused" for k in running})
+    # ctl status prints every worker's full report, not only its ack, without --json
+    report = autoglm(env, "ctl", "status")
+    assert report.returncode == 0, report.stdout + report.stderr[-3000:]
+    assert "status reports of 2 worker(s)" in report.stdout
+    assert table_states(report.stdout) == {k: "paused" for k in running}
 
     resume = autoglm(env, "ctl", "resume", "--wait")
     assert resume.returncode == 0, resume.stdout + resume.stderr[-3000:]

@@ -82,7 +82,11 @@ def test_window_stats_nearest_rank_percentiles_and_reset():
     assert peek["mean_batch_size"] == 2.5
     assert w.take(2.0)["results"] == 5
     empty = w.take(1.0)
-    assert empty == {"results": 0, "throughput_per_s": 0.0, "p50_ms": None, "p99_ms": None, "mean_batch_size": None}
+    # the window's figures start again; the totals since start survive the reset
+    assert empty == {"results": 0, "throughput_per_s": 0.0, "p50_ms": None, "p99_ms": None, "mean_batch_size": None,
+                     "served_total": 5, "batches_total": 2}
+    w.observe_batch(3, [0.001] * 3)
+    assert w.take(1.0)["served_total"] == 8
 
 
 def test_window_stats_memory_is_bounded():

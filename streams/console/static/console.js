@@ -1,0 +1,341 @@
+// AutoGLM ops console: renders what /events pushes (Server-Sent Events), posts control events.
+// No build step, no dependency: the charts are hand-drawn SVG.
+"use strict";
+
+const HORIZON_MS = 15 * 60 * 1000;
+const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
+const view = { workers: [], models: {}, history: new Map(), commands: new Map(), deadLetters: [], skewMs: 0 };
+
+const $ = (sel, root = document) => root.querySelector(sel);
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (v === undefined || v === null) continue;
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else if (k === "title") node.title = v;
+    else node[k] = v;
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(c ?? ""));
+  return node;
+}
+const fmt = (v, digits = 1) => (v === null || v === undefined ? "-" : Number(v).toFixed(digits));
+const int = (v) => (v === null || v === undefined ? "-" : String(Math.round(v)));
+const colorOf = (name) => {
+  const names = [...new Set(view.workers.map((w) => w.worker))].sort();
+  const i = names.indexOf(name);
+  return PALETTE[(i < 0 ? names.length : i) % PALETTE.length];
+};
+
+// ---- control ----------------------------------------------------------------------
+
+async function publish(body) {
+  const error = $("#control-error");
+  error.textContent = "";
+  let response;
+  try {
+    response = await fetch("/api/control", {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", "X-AutoGLM-Console": "1" },
+      body: JSON.stringify(body),
+    });
+  } catch (exc) {
+    error.textContent = `not sent: ${exc}`;
+    return;
+  }
+  const doc = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok) {
+    error.textContent = doc.error || `HTTP ${response.status}`;
+    return;
+  }
+  view.commands.set(doc.event_id, doc);
+  renderCommands();
+}
+
+function controlButtons(target) {
+  const box = el("span", { class: "buttons" });
+  const actions = target.model ? ["pause", "resume"] : ["pause", "resume", "drain"];
+  for (const action of actions) {
+    box.append(el("button", {
+      type: "button", class: `act ${action}`, "data-action": action,
+      "data-model": target.model || "", "data-worker": target.worker || "",
+      title: `${action} ${target.model ? "model " + target.model : "every model"} on ${target.worker ? "worker " + target.worker : "every worker"}`,
+      onclick: () => publish({ command: action, model: target.model || "", worker: target.worker || "" }),
+    }, action));
+  }
+  return box;
+}
+
+function setupForm() {
+  const form = $("#control-form");
+  const toggle = () => {
+    $("#configure-fields").disabled = $("#control-command").value !== "configure";
+    $("#control-model").disabled = $("#control-command").value === "drain";
+  };
+  $("#control-command").addEventListener("change", toggle);
+  toggle();
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const data = new FormData(form);
+    const command = data.get("command");
+    const body = { command, model: command === "drain" ? "" : data.get("model") || "", worker: data.get("worker") || "" };
+    if (command === "configure") {
+      body.params = {};
+      for (const name of ["latency_target_s", "max_batch_size", "max_wait_s", "mode"]) {
+        const value = (data.get(name) || "").trim();
+        if (value !== "") body.params[name] = value;
+      }
+    }
+    publish(body);
+  });
+}
+
+function syncSelect(select, values, allLabel) {
+  const current = select.value;
+  const wanted = ["", ...values];
+  const have = [...select.options].map((o) => o.value);
+  if (wanted.join("\n") === have.join("\n")) return;
+  select.replaceChildren(...wanted.map((v) => el("option", { value: v }, v === "" ? allLabel : v)));
+  select.value = wanted.includes(current) ? current : "";
+}
+
+// ---- rendering --------------------------------------------------------------------
+
+function renderWorkers() {
+  const body = $("#workers tbody");
+  const rows = view.workers.map((w) => {
+    const models = Object.keys(w.models).sort();
+    const states = models.map((m) => `${m}: ${w.models[m].state}`);
+    const totals = w.totals || {};
+    const served = models.reduce((s, m) => s + (w.models[m].served_total || 0), 0);
+    // errors since start: the worker's totals, else the per-model status totals, else unknown
+    const perModel = models.filter((m) => w.models[m].totals);
+    const errors = totals.results_error ?? (perModel.length
+      ? perModel.reduce((s, m) => s + Object.entries(w.models[m].totals).filter(([k]) => k !== "ok")
+        .reduce((a, [, v]) => a + v, 0), 0)
+      : null);
+    return el("tr", { "data-worker": w.worker, class: w.liveness },
+      el("td", {}, el("span", { class: `badge ${w.liveness}` }, w.liveness)),
+      el("td", { class: "id" }, w.worker),
+      el("td", {}, models.join(", ")),
+      el("td", { class: "state" }, w.state === "running" ? states.join(", ") : w.state),
+      el("td", { class: "num" }, w.max_in_flight ? `${int(w.in_flight)} / ${w.max_in_flight}` : int(w.in_flight)),
+      el("td", { class: "num age" }, w.age_s === null ? "-" : `${fmt(w.age_s)} s`),
+      el("td", { class: "num" }, String(served)),
+      el("td", { class: "num" }, errors === null ? "-" : String(errors)),
+      el("td", { class: "num" }, totals.dead_letters === undefined ? "-" : String(totals.dead_letters)),
+      el("td", {}, w.liveness === "live" ? controlButtons({ worker: w.worker }) : ""));
+  });
+  body.replaceChildren(...rows);
+  const live = view.workers.filter((w) => w.liveness === "live").length;
+  $("#summary").textContent = `${live} live worker(s), ${Object.keys(view.models).length} model(s)`;
+  syncSelect($("#control-worker"), view.workers.map((w) => w.worker).sort(), "all workers");
+  syncSelect($("#control-model"), [...new Set(view.workers.flatMap((w) => Object.keys(w.models)))].sort(), "all models");
+}
+
+function modelRows(model) {
+  const rows = [];
+  for (const w of view.workers) {
+    const f = w.models[model];
+    if (!f || w.liveness === "stopped") continue;
+    rows.push(el("tr", { "data-worker": w.worker, "data-model": model },
+      el("td", {}, el("span", { class: "swatch" }), w.worker),
+      el("td", { class: "state" }, f.state),
+      el("td", { class: "num" }, fmt(f.throughput_per_s)),
+      el("td", { class: "num" }, fmt(f.p50_ms)),
+      el("td", { class: "num" }, fmt(f.p99_ms)),
+      el("td", { class: "num" }, fmt(f.mean_batch_size)),
+      el("td", { class: "num" }, int(f.target_size)),
+      el("td", { class: "num" }, `${f.mode || "-"} ${f.latency_target_s ? fmt(f.latency_target_s * 1000, 0) + " ms" : ""}`),
+      el("td", { class: "num", title: "EWMA fixed cost a, per-task cost b, spread sigma (ms)" },
+        `${fmt(f.service_fixed_ms, 2)} + ${fmt(f.service_per_task_ms, 3)}·n ± ${fmt(f.service_spread_ms, 2)}`),
+      el("td", { class: "num" }, int(f.queue_depth)),
+      el("td", { class: "num" }, int(f.lag)),
+      el("td", { class: "num" }, String(f.served_total ?? "-")),
+      el("td", {}, w.liveness === "live" ? controlButtons({ model, worker: w.worker }) : "")));
+    rows[rows.length - 1].firstChild.firstChild.style.background = colorOf(w.worker);
+  }
+  return rows;
+}
+
+function renderModels() {
+  const box = $("#models");
+  const names = [...new Set(view.workers.flatMap((w) => Object.keys(w.models)))].sort();
+  const cards = names.map((model) => {
+    const agg = view.models[model] || {};
+    const card = el("article", { class: "model", "data-model": model },
+      el("div", { class: "model-head" },
+        el("h3", {}, model),
+        el("span", { class: "kpi" }, el("b", {}, fmt(agg.throughput_per_s)), " tasks/s"),
+        el("span", { class: "kpi" }, el("b", {}, fmt(agg.p99_ms)), " ms p99 (worst)"),
+        el("span", { class: "kpi" }, el("b", {}, fmt(agg.mean_batch_size)), " mean batch"),
+        el("span", { class: "kpi" }, el("b", {}, int(agg.queue_depth)), " queued"),
+        el("span", { class: "kpi" }, el("b", {}, int(agg.lag)), " lag"),
+        el("span", { class: "kpi" }, el("b", {}, String(agg.served_total ?? "-")), " served"),
+        controlButtons({ model })),
+      el("table", { class: "per-worker" },
+        el("thead", {}, el("tr", {}, ...["worker", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "target",
+          "mode, SLO", "EWMA a + b·n ± σ (ms)", "queue", "lag", "served", "control"].map((h, i) =>
+          el("th", { class: i >= 2 && i <= 11 ? "num" : "" }, h)))),
+        el("tbody", {}, ...modelRows(model))),
+      el("div", { class: "charts" },
+        chart(model, "throughput_per_s", "throughput, tasks/s"),
+        chart(model, "p99_ms", "p99 end to end, ms", targetLine(model)),
+        chart(model, "mean_batch_size", "mean batch (solid) vs adaptive target (dashed), log scale", null,
+          "target_size", true)));
+    return card;
+  });
+  box.replaceChildren(...cards);
+}
+
+function targetLine(model) {
+  const targets = view.workers.map((w) => w.models[model]?.latency_target_s).filter((v) => v);
+  return targets.length ? Math.max(...targets) * 1000 : null;
+}
+
+// ---- charts (SVG) -----------------------------------------------------------------
+
+function chart(model, field, title, refValue = null, dashedField = null, logScale = false) {
+  const W = 420, H = 150, L = 44, R = 8, T = 18, B = 20;
+  const now = Date.now() - view.skewMs;
+  const series = [];
+  for (const [key, points] of view.history) {
+    const [worker, m] = key.split("\u0000");
+    if (m !== model) continue;
+    series.push({ worker, field, points, dashed: false });
+    if (dashedField) series.push({ worker, field: dashedField, points, dashed: true });
+  }
+  let max = refValue || 0;
+  for (const s of series) for (const p of s.points) if (p[s.field] !== null && p[s.field] > max) max = p[s.field];
+  max = logScale ? Math.max(2, max * 1.2) : max > 0 ? max * 1.1 : 1;
+  // the x axis spans the data kept, from 2 minutes up to the 15-minute horizon
+  let oldest = now;
+  for (const s of series) if (s.points.length && s.points[0].t < oldest) oldest = s.points[0].t;
+  const span = Math.min(HORIZON_MS, Math.max(2 * 60000, Math.ceil((now - oldest) / 60000) * 60000));
+  const x = (t) => L + ((t - (now - span)) / span) * (W - L - R);
+  // log scale (batch sizes: a target of 256 and batches of 4 on one chart): log2, from 1
+  const y = logScale
+    ? (v) => T + (1 - Math.log2(Math.max(v, 1)) / Math.log2(max)) * (H - T - B)
+    : (v) => T + (1 - v / max) * (H - T - B);
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("data-field", field);
+  const add = (tag, attrs, text) => {
+    const n = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) n.setAttribute(k, v);
+    if (text !== undefined) n.textContent = text;
+    svg.append(n);
+    return n;
+  };
+  add("text", { x: L, y: 12, class: "chart-title" }, title);
+  const ticks = logScale
+    ? [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536].filter((v) => v <= max)
+    : [0, 0.5, 1].map((frac) => max * frac);
+  for (const v of ticks) {
+    add("line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" });
+    add("text", { x: L - 4, y: y(v) + 4, class: "tick", "text-anchor": "end" },
+      logScale || v >= 100 ? v.toFixed(0) : v.toFixed(1));
+  }
+  const step = span > 6 * 60000 ? 5 : span > 3 * 60000 ? 2 : 1;
+  for (let minutes = Math.floor(span / 60000 / step) * step; minutes >= 0; minutes -= step) {
+    add("text", { x: x(now - minutes * 60000), y: H - 4, class: "tick", "text-anchor": "middle" },
+      minutes ? `-${minutes} min` : "now");
+  }
+  if (refValue) add("line", { x1: L, x2: W - R, y1: y(refValue), y2: y(refValue), class: "ref" });
+  for (const s of series) {
+    const pts = s.points.filter((p) => p[s.field] !== null && p[s.field] !== undefined && p.t >= now - span);
+    if (!pts.length) continue;
+    const d = pts.map((p, i) => `${i ? "L" : "M"}${x(p.t).toFixed(1)},${y(p[s.field]).toFixed(1)}`).join("");
+    add("path", { d, class: s.dashed ? "line dashed" : "line", stroke: colorOf(s.worker) });
+    if (pts.length === 1) add("circle", { cx: x(pts[0].t), cy: y(pts[0][s.field]), r: 2.5, fill: colorOf(s.worker) });
+  }
+  return svg;
+}
+
+function renderCommands() {
+  const items = [...view.commands.values()].sort((a, b) => b.issued_ms - a.issued_ms).slice(0, 12);
+  $("#commands").replaceChildren(...items.map((c) => {
+    const what = `${c.command} ${c.target.model ? "model " + c.target.model : "all models"} on ${c.target.worker ? "worker " + c.target.worker : "all workers"}`
+      + (Object.keys(c.params || {}).length ? " " + JSON.stringify(c.params) : "");
+    const acks = Object.entries(c.acks).sort().map(([worker, a]) =>
+      el("li", { "data-worker": worker, class: `ack ${a.status}` },
+        el("b", {}, worker), `: ${a.status}`, a.latency_ms !== null ? ` in ${a.latency_ms} ms` : "",
+        a.reason ? ` (${a.reason})` : ""));
+    if (!acks.length) acks.push(el("li", { class: "ack none" }, "no live worker targeted; the state is kept in the control topic"));
+    return el("div", { class: "command", "data-event": c.event_id, "data-command": c.command },
+      el("span", { class: "when" }, new Date(c.issued_ms).toLocaleTimeString()), " ", what,
+      el("ul", {}, ...acks));
+  }));
+}
+
+function renderDeadLetters() {
+  $("#dead-letters tbody").replaceChildren(...view.deadLetters.slice().reverse().map((d) =>
+    el("tr", {},
+      el("td", {}, d.time_ms ? new Date(d.time_ms).toLocaleTimeString() : "-"),
+      el("td", { class: "code" }, d.code), el("td", { class: "message" }, d.message),
+      el("td", {}, d.source_topic), el("td", { class: "num" }, d.source_partition),
+      el("td", { class: "num" }, d.source_offset), el("td", {}, d.worker))));
+}
+
+function renderAll() {
+  renderWorkers();
+  renderModels();
+  renderCommands();
+  renderDeadLetters();
+}
+
+// ---- the event stream -------------------------------------------------------------
+
+function apply(msg) {
+  switch (msg.type) {
+    case "snapshot":
+      view.skewMs = Date.now() - msg.now_ms;
+      view.workers = msg.workers;
+      view.models = msg.models;
+      view.history = new Map(msg.history.map((h) => [`${h.worker}\u0000${h.model}`, h.points]));
+      view.commands = new Map(msg.commands.map((c) => [c.event_id, c]));
+      view.deadLetters = msg.dead_letters;
+      renderAll();
+      break;
+    case "workers":
+      view.skewMs = Date.now() - msg.now_ms;
+      view.workers = msg.workers;
+      view.models = msg.models;
+      renderWorkers();
+      renderModels();
+      break;
+    case "points":
+      for (const [model, point] of Object.entries(msg.points)) {
+        const key = `${msg.worker}\u0000${model}`;
+        const pts = view.history.get(key) || [];
+        pts.push(point);
+        while (pts.length && pts[0].t < point.t - HORIZON_MS) pts.shift();
+        view.history.set(key, pts);
+      }
+      break;
+    case "command":
+      view.commands.set(msg.command.event_id, msg.command);
+      renderCommands();
+      break;
+    case "dead_letter":
+      view.deadLetters.push(msg.dead_letter);
+      if (view.deadLetters.length > 50) view.deadLetters.shift();
+      renderDeadLetters();
+      break;
+  }
+}
+
+function connect() {
+  const badge = $("#connection");
+  const source = new EventSource("/events");
+  source.onopen = () => { badge.textContent = "live"; badge.className = "badge live"; };
+  source.onerror = () => { badge.textContent = "reconnecting"; badge.className = "badge stale"; };
+  source.onmessage = (ev) => apply(JSON.parse(ev.data));
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setupForm();
+  connect();
+});
