@@ -10,6 +10,7 @@ non-retriable one will fail the same way every time.
 
     AutoGLMError
     ├── ConfigError                 (ValueError)  a setting is missing or invalid
+    │   └── ModelSpecError                        a model.yaml key is wrong (names file, key, expected)
     ├── EventError                  (ValueError)  an event on the wire is unusable
     │   ├── EventDecodeError                      not UTF-8 JSON, or not an object
     │   ├── SchemaVersionError                    unknown schema name or major version
@@ -49,6 +50,30 @@ class ConfigError(AutoGLMError, ValueError):
     """A setting is missing or invalid; the message names the setting and its env variable."""
 
     code = "config"
+
+
+class ModelSpecError(ConfigError):
+    """A model repository entry is unusable: a ``model.yaml`` key, its file, its factory or its signature.
+
+    Args:
+        file: the ``model.yaml`` (or other file) at fault, as a path string.
+        key: dotted key in that file, e.g. ``outputs[0].dtype`` (``""`` for the whole file).
+        expected: what is allowed, in words.
+        actual: what was found (shortened for the message).
+    """
+
+    code = "model_spec"
+
+    def __init__(self, file: str, key: str, expected: str, actual: Any):
+        shown = actual if isinstance(actual, str) else repr(actual)
+        if len(shown) > 300:
+            shown = shown[:297] + "..."
+        where = f"{file}: key {key!r}" if key else str(file)
+        super().__init__(f"{where}: expected {expected}, got {shown}")
+        self.file = file
+        self.key = key
+        self.expected = expected
+        self.actual = actual
 
 
 class EventError(AutoGLMError, ValueError):
