@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -334,7 +335,9 @@ class TorchScriptModel(RepositoryModel):
         import torch
 
         try:
-            self.module = torch.jit.load(str(self.spec.file), map_location=device).eval()
+            with warnings.catch_warnings():  # torch 2.x deprecates TorchScript in favour of torch.export
+                warnings.simplefilter("ignore", FutureWarning)
+                self.module = torch.jit.load(str(self.spec.file), map_location=device).eval()
         except Exception as exc:
             raise ModelLoadError(
                 f"model {self.name!r} ({self.spec.source}, key 'file'): {self.spec.file} is not a loadable "

@@ -245,7 +245,7 @@ class ModelRepository:
         for name in mine:
             spec = specs.get(name)
             registry.register(name, lambda n=name: self._create_checked(n, specs),
-                              description=spec.description if spec else "")
+                              description=spec.description if spec else "", device=spec.device if spec else None)
         for spec in specs.values():
             if spec.fallback is not None:
                 registry.set_fallback(spec.name, spec.fallback)
@@ -286,7 +286,7 @@ class ModelRepository:
                          "description": spec.description, "version": model_version(spec)})
         base = default_registry()
         for name in self.builtin_names():
-            rows.append({"name": name, "source": "built-in", "format": "python", "inputs": None, "outputs": None,
+            rows.append({"name": name, "source": "built-in", "format": "built-in", "inputs": None, "outputs": None,
                          "max_rows": None, "device": "auto", "fallback": base.fallback_of(name),
                          "description": base.descriptions()[name], "version": {"builtin": True}})
         return rows
