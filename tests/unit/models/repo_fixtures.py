@@ -7,6 +7,7 @@ made from code here (no binary is checked in).
 from __future__ import annotations
 
 import textwrap
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,7 +38,9 @@ def torchscript_model(root: Path, name: str = "tiny", *, out_shape: str = "[3]",
     net = TinyNet().eval()
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(net).save(str(folder / "model.pt"))
+    with warnings.catch_warnings():  # torch 2.x deprecates TorchScript; it is still what users have
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(net).save(str(folder / "model.pt"))
     write_yaml(folder, f"""
         format: torchscript
         file: model.pt
@@ -47,8 +50,10 @@ def torchscript_model(root: Path, name: str = "tiny", *, out_shape: str = "[3]",
         outputs:
           - {{name: y, dtype: float32, shape: {out_shape}}}
         max_rows: 8
-        {extra}
     """)
+    if extra:
+        with (folder / "model.yaml").open("a") as fh:
+            fh.write(textwrap.dedent(extra).strip() + "\n")
     return net
 
 
