@@ -427,6 +427,61 @@ def models_list(
     Console(width=None if sys.stdout.isatty() else 250, soft_wrap=not sys.stdout.isatty()).print(table)
 
 
+@app.command()
+def infer(
+    model: str = typer.Option(..., "--model", "-m", help="the model to run"),
+    input_file: Path = typer.Option(..., "--input", "-i", help="JSON file holding the task's inputs: a tensor "
+                                    "{dtype, shape, data}, a nested list of numbers, a text, a list of texts, or "
+                                    "{name: tensor} ('-' for stdin)"),
+    deadline_s: Optional[float] = typer.Option(None, help="seconds from now after which the task expires"),
+    priority: Optional[int] = typer.Option(None, help="higher is served first"),
+    timeout_s: float = typer.Option(30.0, help="seconds to wait for the result"),
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+    prefix: Optional[str] = PrefixOpt,
+) -> None:
+    """Run one task through the workers (request/reply on a private reply topic) and print its result as JSON.
+
+    Exits 1 when the result is not ok (expired, rejected, error) or none arrives within --timeout-s.
+    """
+    import orjson
+
+    from autoglm.streams.client import Client
+    from autoglm.streams.codec import loads
+    from autoglm.streams.events import TASK_SCHEMA, decode_task
+
+    settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
+    servers = _need_broker(settings)
+    try:
+        raw = sys.stdin.buffer.read() if str(input_file) == "-" else input_file.read_bytes()
+        task = decode_task(orjson.dumps({"schema": TASK_SCHEMA, "id": "cli", "model": model, "inputs": loads(raw)}))
+    except OSError as exc:
+        typer.echo(f"error: cannot read --input {input_file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except AutoGLMError as exc:
+        typer.echo(f"error: --input {input_file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def go():
+        async with Client(servers, prefix=settings.topic_prefix, client_kwargs=_kafka_kwargs(settings)) as client:
+            return (await client.results(model, [task.inputs], priority=priority, deadline_s=deadline_s,
+                                         timeout_s=timeout_s))[0]
+
+    try:
+        result = asyncio.run(go())
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    outputs = result.outputs
+    shown = (outputs.tolist() if hasattr(outputs, "tolist")
+             else {k: v.tolist() for k, v in outputs.items()} if outputs is not None else None)
+    typer.echo(orjson.dumps({
+        "id": result.id, "model": result.model, "status": result.status, "outputs": shown,
+        "error": None if result.error is None else {"code": result.error.code, "message": result.error.message},
+        "batch_size": result.batch_size, "worker": result.worker, "end_to_end_ms": result.end_to_end_ms,
+    }).decode())
+    raise typer.Exit(0 if result.status == "ok" else 1)
+
+
 def _env_model_repo() -> Optional[str]:
     import os
 

@@ -319,10 +319,19 @@ class ControlState:
             return Decision("ok", ack=not replay, models=(model,), reload=(model,))
         return Decision("ok", ack=not replay, models=(model,), load=(model,))
 
-    def loaded(self, model: str, ok: bool) -> None:
-        """Record how a ``load`` the caller ran ended: a failed first load leaves the model unloaded."""
-        if not ok and model in self._loaded:
+    def model_command_failed(self, command: str, model: str) -> None:
+        """The caller could not carry out ``command`` for ``model``: undo its desired state.
+
+        A failed ``load`` leaves the model unloaded (not fetched); a failed
+        ``unload`` leaves it loaded (it keeps serving); a failed ``reload``
+        changes nothing (the old version serves on).
+        """
+        if model not in self._loaded:
+            return
+        if command == "load":
             self._loaded[model] = False
+        elif command == "unload":
+            self._loaded[model] = True
 
     def configured(self, model: str, params: Mapping[str, Any]) -> None:
         """Record that ``params`` were applied to ``model``'s policy (shown in status)."""

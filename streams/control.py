@@ -333,15 +333,15 @@ class ControlPlane:
         for command, model in jobs:
             if self._model_command is None:
                 status, reason = "rejected", "this worker cannot load or unload models at run time"
-                self.state.loaded(model, ok=False)
+                for undo, name in jobs:
+                    self.state.model_command_failed(undo, name)
                 break
             try:
                 figures[model] = await self._model_command(command, model)
             except Exception as exc:
                 log.error("control plane: %s of model %s failed: %s", command, model, exc)
                 status, reason = "error", f"{command} {model}: {exc}"
-                if command == "load":
-                    self.state.loaded(model, ok=False)
+                self.state.model_command_failed(command, model)
         if decision.ack and not replay:
             await self._ack(event, Decision(status, ack=True, reason=reason, models=decision.models),
                             extra={"models": figures})

@@ -64,8 +64,12 @@ def test_a_stale_unload_does_not_undo_a_later_load():
     assert d.status == "ignored" and state.is_loaded("m")
 
 
-def test_a_failed_first_load_leaves_the_model_unloaded():
+def test_a_failed_load_leaves_the_model_unloaded_and_a_failed_unload_leaves_it_serving():
     state = ready()
     state.apply(Ev("e1", "load", {"model": "m"}, issued_ms=1))
-    state.loaded("m", ok=False)
+    state.model_command_failed("load", "m")
     assert not state.is_loaded("m") and state.is_paused("m")
+    state.apply(Ev("e2", "unload", {"model": "digits"}, issued_ms=2))
+    assert state.is_paused("digits")
+    state.model_command_failed("unload", "digits")
+    assert state.is_loaded("digits") and not state.is_paused("digits")
