@@ -184,35 +184,22 @@ class ModelRegistry:
         return len(self._entries)
 
 
-def _digits() -> InferenceModel:
-    from autoglm.models.digits import DigitsModel
-
-    return DigitsModel()
-
-
-def _digits_linear() -> InferenceModel:
-    from autoglm.models.digits import DigitsLinearModel
-
-    return DigitsLinearModel()
-
-
-def _minilm() -> InferenceModel:
-    from autoglm.models.minilm import MiniLMModel
-
-    return MiniLMModel()
-
-
 def default_registry() -> ModelRegistry:
-    """A new registry with the built-in models ``digits``, ``digits-linear`` and ``minilm``."""
+    """A new registry with the built-in models ``digits``, ``digits-linear`` and ``minilm``.
+
+    They are built from their specs (:mod:`autoglm.models.builtin`) by
+    :func:`~autoglm.models.repository.create_model`, as repository models are.
+    """
+    from autoglm.models.builtin import BUILTIN_SPECS, builtin_spec
+
     registry = ModelRegistry()
-    registry.register(
-        "digits", _digits, description="8x8 handwritten digits CNN: float32 (B, 64) -> (B, 10) probabilities"
-    )
-    registry.register(
-        "digits-linear", _digits_linear,
-        description="8x8 digits, linear (fallback for digits): float32 (B, 64) -> (B, 10) probabilities",
-    )
-    registry.register(
-        "minilm", _minilm, description="all-MiniLM-L6-v2 sentence embeddings: texts -> float32 (B, 384)"
-    )
+    for name in BUILTIN_SPECS:
+        spec = builtin_spec(name)
+        registry.register(name, lambda spec=spec: _create(spec), description=spec.description)
     return registry
+
+
+def _create(spec) -> InferenceModel:
+    from autoglm.models.repository import create_model
+
+    return create_model(spec)

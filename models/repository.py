@@ -18,8 +18,9 @@ model is built (:meth:`ModelRepository.check`: files exist, factories import,
 onnxruntime is installed), creates fresh unloaded models
 (:func:`create_model`), and builds the :class:`~autoglm.models.registry.ModelRegistry`
 a worker serves from: the repository's models beside the built-ins
-(``digits``, ``digits-linear``, ``minilm``; a repository model of the same name
-takes its place).
+(``digits``, ``digits-linear``, ``minilm``, whose specs live in
+:mod:`autoglm.models.builtin`; a repository model of the same name takes its
+place).
 
 Nothing here imports Kafka; torch and onnxruntime are imported only when a
 model is created or loaded.
@@ -284,9 +285,11 @@ class ModelRepository:
                          "inputs": spec.describe_inputs(), "outputs": spec.describe_outputs(),
                          "max_rows": spec.max_rows, "device": spec.device, "fallback": spec.fallback,
                          "description": spec.description, "version": model_version(spec)})
-        base = default_registry()
+        from autoglm.models.builtin import builtin_spec
+
         for name in self.builtin_names():
-            rows.append({"name": name, "source": "built-in", "format": "built-in", "inputs": None, "outputs": None,
-                         "max_rows": None, "device": "auto", "fallback": base.fallback_of(name),
-                         "description": base.descriptions()[name], "version": {"builtin": True}})
+            spec = builtin_spec(name)
+            rows.append({"name": name, "source": "built-in", "format": spec.format, "inputs": spec.describe_inputs(),
+                         "outputs": spec.describe_outputs(), "max_rows": spec.max_rows, "device": spec.device,
+                         "fallback": spec.fallback, "description": spec.description, "version": model_version(spec)})
         return rows
