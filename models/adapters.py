@@ -12,6 +12,8 @@ format adapter adds only :meth:`RepositoryModel.load_weights` and
   the declared order; a tensor, a tuple/list or a dict of tensors comes back.
 - :class:`OnnxModel`: an onnxruntime ``InferenceSession``; inputs and outputs
   by their graph names.
+- :class:`ExportedModel`: a ``torch.export`` archive (``torch.export.save``),
+  run as ``torch.export.load(file).module()`` with inputs in the declared order.
 - ``python``: the factory's own model (``make(spec) -> InferenceModel``);
   one that is not a :class:`RepositoryModel` is wrapped in :class:`CheckedModel`
   so its warm-up is checked the same way.
@@ -350,6 +352,43 @@ class TorchScriptModel(RepositoryModel):
 
         if self.spec.text:
             return self.module(batch)
+        args = [torch.from_numpy(batch[t.name]).to(self.device) for t in self.spec.inputs]
+        return self.module(*args)
+
+
+class ExportedModel(RepositoryModel):
+    """A ``torch.export`` archive (``format: exported``, usually ``.pt2``) made by ``torch.export.save``.
+
+    Export it with a dynamic batch axis, e.g.
+    ``torch.export.export(net, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})``,
+    or it only accepts the batch size it was exported with. No Python code of
+    the model is needed to load it (unlike a pickled module).
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        self.module: Any = None
+
+    def load_weights(self, device: str) -> None:
+        """``torch.export.load(file).module()`` moved to ``device``.
+
+        Raises:
+            ModelLoadError: the file is not a ``torch.export`` archive.
+        """
+        import torch
+
+        try:
+            self.module = torch.export.load(str(self.spec.file)).module().to(device)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {self.name!r} ({self.spec.source}, key 'file'): {self.spec.file} is not a loadable "
+                f"torch.export archive (made by torch.export.save): {exc!r}"
+            ) from exc
+
+    def predict(self, batch: Any) -> Any:
+        """``module(*tensors)`` on the model's device."""
+        import torch
+
         args = [torch.from_numpy(batch[t.name]).to(self.device) for t in self.spec.inputs]
         return self.module(*args)
 

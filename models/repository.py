@@ -109,10 +109,14 @@ def create_model(spec: ModelSpec) -> InferenceModel:
         ModelSpecError: the factory cannot be imported, raises, or does not
             return an :class:`InferenceModel`.
     """
-    from autoglm.models.adapters import CheckedModel, OnnxModel, RepositoryModel, TorchScriptModel
+    from autoglm.models.adapters import CheckedModel, ExportedModel, OnnxModel, RepositoryModel, TorchScriptModel
 
     if spec.format == "torchscript":
         return TorchScriptModel(spec)
+    if spec.format == "exported":
+        if spec.text:
+            raise ModelSpecError(spec.source, "inputs", "tensor inputs for format 'exported'", "text: true")
+        return ExportedModel(spec)
     if spec.format == "onnx":
         return OnnxModel(spec)
     factory = _import_factory(spec)
@@ -270,6 +274,24 @@ class ModelRepository:
             check_spec(spec)
             return create_model(spec)
         return default_registry().create(name)
+
+    def batching_defaults(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """``{model: params}``: each model's ``batching`` from its spec, as ``ctl configure`` parameters.
+
+        For the worker to apply to each model's batching policy at start
+        (``policy.configure(**params)``, the path ``ctl configure`` takes), so
+        that a later ``configure`` overrides them. Built-ins and models with
+        no ``batching`` give ``{}``.
+        """
+        mine = set(self.names())
+        return {name: (self.spec(name).batching.as_params() if name in mine else {}) for name in names}
+
+    def versions(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """``{model: model_version(spec)}`` for heartbeats (``{"builtin": True, ...}`` for built-ins)."""
+        from autoglm.models.builtin import builtin_spec
+
+        mine = set(self.names())
+        return {name: model_version(self.spec(name) if name in mine else builtin_spec(name)) for name in names}
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per model for ``autoglm models list``: name, source, format, inputs, outputs, max_rows,

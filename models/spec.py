@@ -4,8 +4,8 @@ A repository is a folder of model folders, ``DIR/<name>/model.yaml``
 (Triton's model repository layout; the import-string factory is MLServer's
 ``implementation``)::
 
-    format: torchscript            # torchscript | onnx | python
-    file: model.pt                 # relative to the model folder (torchscript, onnx)
+    format: torchscript            # torchscript | onnx | python | exported (a torch.export archive)
+    file: model.pt                 # relative to the model folder (torchscript, onnx, exported)
     # factory: "mypkg.mymod:make"  # python: called as make(spec) -> InferenceModel
     description: "what it does"
     inputs:                        # per-row signature, in the model's argument order
@@ -38,7 +38,7 @@ from typing import Any, Mapping
 from autoglm.errors import ModelSpecError
 
 SPEC_FILE = "model.yaml"
-FORMATS = ("torchscript", "onnx", "python")
+FORMATS = ("torchscript", "onnx", "python", "exported")
 #: dtypes a model may take or return: the wire's (``autoglm.streams.codec.SUPPORTED_DTYPES``).
 DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
 #: names an output may not have: an object with them would read as one tensor on the wire.
@@ -251,7 +251,7 @@ def _is_int(value: Any) -> bool:
 def _file(doc: Mapping[str, Any], fmt: str, folder: Path | None, fail) -> Path | None:
     file = doc.get("file")
     if file is None:
-        if fmt in ("torchscript", "onnx"):
+        if fmt in ("torchscript", "onnx", "exported"):
             raise fail("file", f"the {fmt} file's path, relative to the model folder", "missing")
         return None
     if not isinstance(file, str) or not file or Path(file).is_absolute() or ".." in Path(file).parts:

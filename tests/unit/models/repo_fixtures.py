@@ -75,6 +75,25 @@ def onnx_model(root: Path, name: str = "tiny-onnx") -> nn.Module:
     return net
 
 
+def exported_model(root: Path, name: str = "tiny-exported") -> nn.Module:
+    """``<root>/<name>``: TinyNet as a torch.export archive with a dynamic batch axis."""
+    net = TinyNet().eval()
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(net, (torch.zeros(2, 4),), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(program, str(folder / "model.pt2"))
+    write_yaml(folder, """
+        format: exported
+        file: model.pt2
+        inputs:
+          - {name: x, dtype: float32, shape: [4]}
+        outputs:
+          - {name: y, dtype: float32, shape: [3]}
+    """)
+    return net
+
+
 TWO_HEADS = '''
 import numpy as np
 from autoglm.models.adapters import RepositoryModel

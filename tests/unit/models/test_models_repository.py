@@ -58,6 +58,17 @@ def test_onnx_exported_from_the_same_module_gives_the_same_results(tmp_path, x):
         runner.close()
 
 
+def test_a_torch_export_archive_gives_the_same_results(tmp_path, x):
+    net = rf.exported_model(tmp_path)
+    runner = runner_of(ModelRepository(tmp_path), "tiny-exported")
+    try:
+        outs = runner.run_sync([runner.model.prepare(x[:1]), runner.model.prepare(x[1:])])
+        assert [o.shape for o in outs] == [(1, 3), (6, 3)]
+        assert np.abs(np.concatenate(outs) - offline(net, x)).max() <= 1e-6
+    finally:
+        runner.close()
+
+
 def test_python_factory_with_two_named_outputs_of_different_dtypes(tmp_path, x):
     rf.python_model(tmp_path)
     runner = runner_of(ModelRepository(tmp_path), "two-heads")
@@ -223,3 +234,17 @@ async def test_model_host_loads_reloads_keeping_the_old_version_on_failure_and_u
     assert drained == ["tiny"] and "tiny" not in host.runners
     assert [n for n, r in changes] == ["tiny", "tiny", "tiny"] and changes[-1][1] is None
     assert await host.unload("tiny") == {"unloaded": False}
+
+
+def test_batching_defaults_and_versions_for_the_worker(tmp_path):
+    rf.torchscript_model(tmp_path, "a", extra="batching: {max_batch_size: 16, mode: fixed}")
+    rf.torchscript_model(tmp_path, "b")
+    repo = ModelRepository(tmp_path)
+    assert repo.batching_defaults(["a", "b", "digits"]) == {"a": {"max_batch_size": 16, "mode": "fixed"},
+                                                            "b": {}, "digits": {}}
+    versions = repo.versions(["a", "digits"])
+    assert versions["digits"]["builtin"] is True
+    before = versions["a"]
+    rf.torchscript_model(tmp_path, "a", extra="batching: {max_batch_size: 32}")  # a new model.yaml
+    after = repo.versions(["a"])["a"]
+    assert after["sha256"] != before["sha256"] and after["mtime_ms"] >= before["mtime_ms"]

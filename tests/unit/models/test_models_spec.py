@@ -39,7 +39,7 @@ def test_a_good_spec_parses_with_its_defaults():
     "changes, key, expected",
     [
         ({"colour": "red"}, "colour", "a known key"),
-        ({"format": "tensorflow"}, "format", "one of ['torchscript', 'onnx', 'python']"),
+        ({"format": "tensorflow"}, "format", "one of ['torchscript', 'onnx', 'python', 'exported']"),
         ({"format": None}, "format", "one of"),
         ({"file": None}, "file", "the torchscript file's path"),
         ({"file": "../elsewhere.pt"}, "file", "a relative path inside the model folder"),
