@@ -398,8 +398,7 @@ def models_list(
     """List the models a worker can serve: the repository's (with their version) and the built-ins."""
     from autoglm.models.repository import ModelRepository
 
-    settings = _settings(model_repo=model_repo) if model_repo else None
-    root = model_repo or (settings.model_repo if settings else None) or _env_model_repo()
+    root = model_repo or _env_model_repo()
     try:
         rows = ModelRepository(root).describe()
     except AutoGLMError as exc:

@@ -145,7 +145,8 @@ class FallbackRunner:
         if p.input_kind != f.input_kind or p.output_dim != f.output_dim or p.outputs != f.outputs:
             raise ConfigError(
                 f"model {fallback.name!r} cannot stand in for {primary.name!r}: it takes {f.input_kind} "
-                f"and gives rows of {f.output_dim}, the primary takes {p.input_kind} and gives rows of {p.output_dim}"
+                f"and gives {f.output} (rows of {f.output_dim}), the primary takes {p.input_kind} "
+                f"and gives {p.output} (rows of {p.output_dim})"
             )
         self.primary = primary
         self.fallback = fallback

@@ -108,3 +108,20 @@ async def test_the_client_matches_1000_concurrent_calls_raises_expired_and_leave
         await admin.close()
     with SyncClient(kafka_bootstrap, prefix=prefix) as sync:  # the blocking wrapper, same worker
         assert np.abs(sync.infer("tiny", x[:2], timeout_s=60) - expected[:2]).max() <= 1e-5
+
+
+async def test_a_worker_with_an_invalid_repository_exits_2_before_creating_topics(kafka_bootstrap, prefix, workers,
+                                                                                 tmp_path):
+    repo = tmp_path / "repo"
+    rf.torchscript_model(repo, "good")
+    rf.torchscript_model(repo, "bad", out_shape="[4]")  # the model returns 3 per row
+    proc = workers.start(kafka_bootstrap, prefix, "", model_repo=str(repo))
+    assert proc.wait(timeout=120) == 2
+    log = workers.log(proc)
+    assert f"{repo / 'bad' / 'model.yaml'}: key 'outputs[0].shape': expected float32 (1, 4)" in log
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        assert not [t for t in await admin.list_topics() if t.startswith(prefix)]
+    finally:
+        await admin.close()
