@@ -1,18 +1,18 @@
-"""Models described by a ``model.yaml``: one base that reads the signature, one adapter per format.
+"""Models described by a ``model.yaml``: the base that reads the signature (format adapters: ``formats``).
 
 :class:`RepositoryModel` implements :class:`~autoglm.models.base.InferenceModel`
 from a :class:`~autoglm.models.spec.ModelSpec`: ``prepare`` checks a task
 against the declared inputs (dtype, per-row shape, ``max_rows``), ``collate``
 concatenates rows per input, ``forward`` names the outputs, and ``load`` ends
 with a warm-up whose outputs are checked against the declared ``outputs``. A
-format adapter adds only :meth:`RepositoryModel.load_weights` and
-:meth:`RepositoryModel.predict`:
+format adapter (:mod:`autoglm.models.formats`) adds only
+:meth:`RepositoryModel.load_weights` and :meth:`RepositoryModel.predict`:
 
-- :class:`TorchScriptModel`: ``torch.jit.load``; inputs passed positionally in
+- ``TorchScriptModel``: ``torch.jit.load``; inputs passed positionally in
   the declared order; a tensor, a tuple/list or a dict of tensors comes back.
-- :class:`OnnxModel`: an onnxruntime ``InferenceSession``; inputs and outputs
+- ``OnnxModel``: an onnxruntime ``InferenceSession``; inputs and outputs
   by their graph names.
-- :class:`ExportedModel`: a ``torch.export`` archive (``torch.export.save``),
+- ``ExportedModel``: a ``torch.export`` archive (``torch.export.save``),
   run as ``torch.export.load(file).module()`` with inputs in the declared order.
 - ``python``: the factory's own model (``make(spec) -> InferenceModel``);
   one that is not a :class:`RepositoryModel` is wrapped in :class:`CheckedModel`
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -36,8 +35,6 @@ from autoglm.models.outputs import output_problems
 from autoglm.models.spec import ModelSpec, TensorSpec
 
 logger = logging.getLogger(__name__)
-
-ONNX_HINT = "pip install 'open-autoglm[onnx]'"
 
 
 def signature_of(spec: ModelSpec) -> Signature:
@@ -311,139 +308,6 @@ def _describe(value: Any) -> str:
     if isinstance(value, list):
         return f"a list of {len(value)} items"
     return type(value).__name__
-
-
-# -- formats ------------------------------------------------------------------------------
-
-
-class TorchScriptModel(RepositoryModel):
-    """A ``.pt`` made by ``torch.jit.script`` or ``torch.jit.trace`` (``format: torchscript``).
-
-    The module is called as ``module(*inputs)`` in the declared input order (a
-    text model gets one ``List[str]``) under ``torch.inference_mode``.
-    """
-
-    def __init__(self, spec: ModelSpec):
-        super().__init__(spec)
-        self.module: Any = None
-
-    def load_weights(self, device: str) -> None:
-        """``torch.jit.load(file, map_location=device)`` in eval mode.
-
-        Raises:
-            ModelLoadError: the file is not a TorchScript archive (e.g. a
-                ``torch.save`` state dict) or cannot be mapped to ``device``.
-        """
-        import torch
-
-        try:
-            with warnings.catch_warnings():  # torch 2.x deprecates TorchScript in favour of torch.export
-                warnings.simplefilter("ignore", FutureWarning)
-                self.module = torch.jit.load(str(self.spec.file), map_location=device).eval()
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model {self.name!r} ({self.spec.source}, key 'file'): {self.spec.file} is not a loadable "
-                f"TorchScript archive (made by torch.jit.script/trace and .save): {exc!r}"
-            ) from exc
-
-    def predict(self, batch: Any) -> Any:
-        """``module(*tensors)`` on the model's device."""
-        import torch
-
-        if self.spec.text:
-            return self.module(batch)
-        args = [torch.from_numpy(batch[t.name]).to(self.device) for t in self.spec.inputs]
-        return self.module(*args)
-
-
-class ExportedModel(RepositoryModel):
-    """A ``torch.export`` archive (``format: exported``, usually ``.pt2``) made by ``torch.export.save``.
-
-    Export it with a dynamic batch axis, e.g.
-    ``torch.export.export(net, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})``,
-    or it only accepts the batch size it was exported with. No Python code of
-    the model is needed to load it (unlike a pickled module).
-    """
-
-    def __init__(self, spec: ModelSpec):
-        super().__init__(spec)
-        self.module: Any = None
-
-    def load_weights(self, device: str) -> None:
-        """``torch.export.load(file).module()`` moved to ``device``.
-
-        Raises:
-            ModelLoadError: the file is not a ``torch.export`` archive.
-        """
-        import torch
-
-        try:
-            self.module = torch.export.load(str(self.spec.file)).module().to(device)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model {self.name!r} ({self.spec.source}, key 'file'): {self.spec.file} is not a loadable "
-                f"torch.export archive (made by torch.export.save): {exc!r}"
-            ) from exc
-
-    def predict(self, batch: Any) -> Any:
-        """``module(*tensors)`` on the model's device."""
-        import torch
-
-        args = [torch.from_numpy(batch[t.name]).to(self.device) for t in self.spec.inputs]
-        return self.module(*args)
-
-
-class OnnxModel(RepositoryModel):
-    """An ONNX graph run by onnxruntime (``format: onnx``; extra ``onnx``).
-
-    Inputs and outputs are matched by their graph names, which must equal the
-    names in ``model.yaml``. On ``cuda`` the CUDA execution provider is used
-    when onnxruntime has it, with the CPU provider behind it.
-    """
-
-    def __init__(self, spec: ModelSpec):
-        super().__init__(spec)
-        self.session: Any = None
-
-    def load_weights(self, device: str) -> None:
-        """Open an ``onnxruntime.InferenceSession`` with as many intra-op threads as torch uses.
-
-        Raises:
-            ModelLoadError: onnxruntime is missing (names the extra) or the file is not a valid ONNX model.
-            ModelSpecError: the graph's input or output names differ from ``model.yaml``'s.
-        """
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise ModelLoadError(f"model {self.name!r}: format 'onnx' needs onnxruntime: {ONNX_HINT} ({exc})") from exc
-        import torch
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            index = int(device.partition(":")[2] or 0)
-            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        try:
-            session = ort.InferenceSession(str(self.spec.file), sess_options=options, providers=providers)
-        except Exception as exc:
-            raise ModelLoadError(f"model {self.name!r} ({self.spec.source}, key 'file'): {self.spec.file} "
-                                 f"is not a loadable ONNX model: {exc!r}") from exc
-        for key, declared, graph in (("inputs", self.spec.inputs, session.get_inputs()),
-                                     ("outputs", self.spec.outputs, session.get_outputs())):
-            want, have = [t.name for t in declared], [g.name for g in graph]
-            if sorted(want) != sorted(have):
-                raise self.spec.error(key, f"the ONNX graph's {key} {have}", want)
-        self.session = session
-
-    def predict(self, batch: Any) -> Any:
-        """``session.run(output names, {input name: array})``; texts go in as a numpy object array."""
-        names = [o.name for o in self.spec.outputs]
-        if self.spec.text:
-            feeds = {self.spec.inputs[0].name: np.array(batch, dtype=object)}
-        else:
-            feeds = dict(batch)
-        return dict(zip(names, self.session.run(names, feeds)))
 
 
 class CheckedModel(InferenceModel):

@@ -96,7 +96,7 @@ def check_spec(spec: ModelSpec) -> None:
         try:
             import onnxruntime  # noqa: F401
         except ImportError as exc:
-            from autoglm.models.adapters import ONNX_HINT
+            from autoglm.models.formats import ONNX_HINT
 
             raise ModelSpecError(spec.source, "format", f"onnxruntime installed for 'onnx' ({ONNX_HINT})",
                                  repr(exc)) from None
@@ -109,7 +109,8 @@ def create_model(spec: ModelSpec) -> InferenceModel:
         ModelSpecError: the factory cannot be imported, raises, or does not
             return an :class:`InferenceModel`.
     """
-    from autoglm.models.adapters import CheckedModel, ExportedModel, OnnxModel, RepositoryModel, TorchScriptModel
+    from autoglm.models.adapters import CheckedModel, RepositoryModel
+    from autoglm.models.formats import ExportedModel, OnnxModel, TorchScriptModel
 
     if spec.format == "torchscript":
         return TorchScriptModel(spec)
