@@ -246,6 +246,7 @@ class Client:
         self._reader: asyncio.Task | None = None
         self._waiting: dict[str, asyncio.Future] = {}
         self._started = False
+        self._start_lock: asyncio.Lock | None = None  # made on the running loop
 
     async def __aenter__(self) -> "Client":
         await self.start()
@@ -258,6 +259,13 @@ class Client:
         """Create the reply topic, connect, start reading replies (idempotent; ``infer`` calls it)."""
         if self._started:
             return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:  # concurrent first calls set up one consumer, not one each
+            if not self._started:
+                await self._start()
+
+    async def _start(self) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
         admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **self._kwargs)
@@ -322,6 +330,17 @@ class Client:
         self._producer = self._consumer = None
 
     async def _read_replies(self) -> None:
+        try:
+            await self._read_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the calls waiting would otherwise wait for their timeout
+            log.error("client %s: reading %s failed: %r", self.client_id, self.reply_topic, exc)
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(BrokerError(f"client {self.client_id}: reading replies failed: {exc!r}"))
+
+    async def _read_loop(self) -> None:
         assert self._consumer is not None
         while True:
             fetched = await self._consumer.getmany(timeout_ms=200)

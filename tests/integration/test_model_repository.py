@@ -125,3 +125,19 @@ async def test_a_worker_with_an_invalid_repository_exits_2_before_creating_topic
         assert not [t for t in await admin.list_topics() if t.startswith(prefix)]
     finally:
         await admin.close()
+
+
+async def test_concurrent_first_calls_share_one_reply_consumer(kafka_bootstrap, prefix, workers, tmp_path):
+    repo = tmp_path / "repo"
+    net = rf.torchscript_model(repo, "tiny")
+    await create_topics(kafka_bootstrap, prefix, ["tiny"])
+    workers.start(kafka_bootstrap, prefix, "tiny", model_repo=str(repo))
+    x = np.random.default_rng(9).random((20, 4), dtype=np.float32)
+    async with Client(kafka_bootstrap, prefix=prefix) as warm:  # wait until the worker serves
+        await _first_result(warm, "tiny", x[:1])
+    client = Client(kafka_bootstrap, prefix=prefix)  # not started: the 20 calls below start it together
+    try:
+        outs = await asyncio.gather(*(client.infer("tiny", x[i : i + 1], timeout_s=60) for i in range(20)))
+        assert np.abs(np.concatenate(outs) - offline(net, x)).max() <= 1e-5
+    finally:
+        await client.close()
