@@ -32,7 +32,8 @@ import gc
 import logging
 from typing import Any, Awaitable, Callable
 
-from autoglm.errors import ModelError, UnknownModelError
+from autoglm.errors import AutoGLMError, ModelError, ModelLoadError, UnknownModelError
+from autoglm.models.fallback import FallbackRunner
 from autoglm.models.repository import ModelRepository, model_version
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class ModelHost:
     Args:
         repository: where models come from (a folder, or the built-ins only).
         runners: the mapping the worker serves from, changed in place (a new
-            dict when omitted); models already in it count as loaded, version unknown.
+            dict when omitted); models already in it count as loaded, their
+            version read from the repository's files now.
         device, torch_threads, max_failures, probe_every: for
             :meth:`~autoglm.models.registry.ModelRegistry.create_runner`.
         on_change: called on the event loop after a model is added, swapped or
@@ -63,7 +65,12 @@ class ModelHost:
                  probe_every: int | None = None, on_change: ChangeHook | None = None):
         self.repository = repository
         self.runners: dict[str, Any] = runners if runners is not None else {}
-        self._versions: dict[str, dict[str, Any]] = {name: {} for name in self.runners}
+        self._versions: dict[str, dict[str, Any]] = {}
+        for name in self.runners:  # the files they were loaded from at start, as read now
+            try:
+                self._versions.update(repository.versions([name]))
+            except (KeyError, AutoGLMError):  # a runner of a model the repository does not know
+                self._versions[name] = {}
         self._runner_kwargs = dict(device=device, torch_threads=torch_threads, max_failures=max_failures,
                                    probe_every=probe_every)
         self._on_change = on_change
@@ -112,6 +119,10 @@ class ModelHost:
         async with self._lock(name):
             old = self.runners.get(name)
             runner, version = await self._build(name)
+            if old is not None and isinstance(runner, FallbackRunner) and not runner.primary.started:
+                # its fallback would serve: a failed reload, so the old version stays (Triton's rule)
+                await asyncio.to_thread(runner.close, wait=True)
+                raise ModelLoadError(f"model {name!r}: the new version failed to load; the old version keeps serving")
             self._install(name, runner, version)
             if old is not None:
                 await asyncio.to_thread(old.close, wait=True)
@@ -147,7 +158,8 @@ class ModelHost:
 
     async def close(self) -> None:
         """Close every runner (on a thread each)."""
-        runners, self.runners = list(self.runners.values()), {}
+        runners = list(self.runners.values())
+        self.runners.clear()  # in place: the worker's pipeline reads this very mapping
         await asyncio.gather(*(asyncio.to_thread(r.close, wait=True) for r in runners))
 
     # -- internals ---------------------------------------------------------------------

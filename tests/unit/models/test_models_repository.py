@@ -248,3 +248,24 @@ def test_batching_defaults_and_versions_for_the_worker(tmp_path):
     rf.torchscript_model(tmp_path, "a", extra="batching: {max_batch_size: 32}")  # a new model.yaml
     after = repo.versions(["a"])["a"]
     assert after["sha256"] != before["sha256"] and after["mtime_ms"] >= before["mtime_ms"]
+
+
+async def test_a_reload_whose_primary_fails_keeps_the_old_version_even_with_a_fallback(tmp_path):
+    rf.torchscript_model(tmp_path, "main", extra="fallback: spare")
+    rf.torchscript_model(tmp_path, "spare")
+    repo = ModelRepository(tmp_path)
+    started = load_runner_map(repo, "main")
+    host = ModelHost(repo, started, device="cpu")
+    assert len(host.versions()["main"]["sha256"]) == 16  # read from the files at construction
+    old = host.runners["main"]
+    (tmp_path / "main" / "model.pt").write_bytes(b"not an archive")
+    with pytest.raises(ModelLoadError, match="the old version keeps serving"):
+        await host.reload("main")
+    assert host.runners["main"] is old and old.primary.started
+    await host.close()
+
+
+def load_runner_map(repo: ModelRepository, name: str) -> dict:
+    runner = repo.registry([name]).create_runner(name, device="cpu")
+    runner.start_sync()
+    return {name: runner}
