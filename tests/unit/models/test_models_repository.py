@@ -269,3 +269,16 @@ def load_runner_map(repo: ModelRepository, name: str) -> dict:
     runner = repo.registry([name]).create_runner(name, device="cpu")
     runner.start_sync()
     return {name: runner}
+
+
+def test_cuda_n_is_a_device_choice_and_a_missing_gpu_is_a_clear_load_error():
+    from autoglm.errors import ConfigError
+    from autoglm.models.runner import select_device
+
+    if torch.cuda.is_available():
+        assert select_device("cuda:0") == "cuda:0"
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ModelLoadError, match=f"device 'cuda:{count}' was requested but this machine has {count}"):
+        select_device(f"cuda:{count}")
+    with pytest.raises(ConfigError, match="'cuda:N'"):
+        select_device("gpu")
