@@ -70,3 +70,13 @@ def test_named_inputs_round_trip_and_plain_tensors_still_decode_as_one_array():
     nested = decode_task(orjson.dumps({"schema": "autoglm.task/v1", "id": "t", "model": "m",
                                        "inputs": {"x": [[1, 2]], "y": [[3.5]]}}))
     assert nested.inputs["x"].dtype == np.float32 and nested.inputs["y"].tolist() == [[3.5]]
+
+
+def test_named_inputs_sent_to_a_single_input_built_in_are_an_input_signature_error():
+    from autoglm.errors import InputSignatureError
+    from autoglm.models.digits import DigitsModel
+
+    task = decode_task(b'{"schema":"autoglm.task/v1","id":"t","model":"digits","inputs":{"x":[[0.5]]}}')
+    assert isinstance(task.inputs, dict)
+    with pytest.raises(InputSignatureError):
+        DigitsModel().prepare(task.inputs)
