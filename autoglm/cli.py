@@ -67,7 +67,8 @@ def _kafka_kwargs(settings: Settings) -> dict:
 def worker(
     bootstrap_servers: Optional[str] = BootstrapOpt,
     prefix: Optional[str] = PrefixOpt,
-    models: Optional[str] = typer.Option(None, "--models", "-m", help="comma-separated model names; env AUTOGLM_MODELS (default digits)"),
+    models: Optional[str] = typer.Option(None, "--models", "-m", help="comma-separated model names; env AUTOGLM_MODELS (default: every model of --model-repo, else digits)"),
+    model_repo: Optional[str] = typer.Option(None, "--model-repo", help="model repository folder (DIR/<name>/model.yaml); env AUTOGLM_MODEL_REPO"),
     partitions: Optional[int] = typer.Option(None, help="partitions of topics created at start; env AUTOGLM_PARTITIONS"),
     batching_mode: Optional[str] = typer.Option(None, help="adaptive or fixed; env AUTOGLM_BATCHING_MODE (default adaptive)"),
     latency_target_s: Optional[float] = typer.Option(None, help="p99 end-to-end target of the adaptive batcher, seconds; env AUTOGLM_LATENCY_TARGET_S (default 0.1)"),
@@ -84,8 +85,8 @@ def worker(
     With no bootstrap servers configured, an embedded broker is started for the worker's lifetime.
     """
     settings = _settings(
-        bootstrap_servers=bootstrap_servers, topic_prefix=prefix, models=models, partitions=partitions,
-        batching_mode=batching_mode, latency_target_s=latency_target_s, metrics_port=metrics_port,
+        bootstrap_servers=bootstrap_servers, topic_prefix=prefix, models=models, model_repo=model_repo,
+        partitions=partitions, batching_mode=batching_mode, latency_target_s=latency_target_s, metrics_port=metrics_port,
         max_batch_size=max_batch_size, max_wait_s=max_wait_s, max_in_flight=max_in_flight,
         device=device, worker_id=worker_id, log_level=log_level,
     )
@@ -301,6 +302,192 @@ def ctl_status(worker_id: Optional[str] = WorkerOpt, timeout_s: float = TimeoutO
     """Ask every live worker for its state and wait for the answers."""
     _control("status", model=None, worker_id=worker_id, wait=True, timeout_s=timeout_s, as_json=as_json,
              bootstrap_servers=bootstrap_servers, prefix=prefix)
+
+
+def _model_command(command: str, model: str, worker_id: Optional[str], wait: bool, timeout_s: float,
+                   as_json: bool, bootstrap_servers: Optional[str], prefix: Optional[str]) -> None:
+    _control(command, model=model, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
+             bootstrap_servers=bootstrap_servers, prefix=prefix)
+
+
+RequiredModelOpt = typer.Option(..., "--model", "-m", help="the model's name (a repository folder or a built-in)")
+
+
+@ctl.command("load")
+def ctl_load(model: str = RequiredModelOpt, worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
+             timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
+             bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Load and warm up a model on the workers, then serve it (kept in the control topic: later workers load it too)."""
+    _model_command("load", model, worker_id, wait, timeout_s, as_json, bootstrap_servers, prefix)
+
+
+@ctl.command("unload")
+def ctl_unload(model: str = RequiredModelOpt, worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
+               timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
+               bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Stop serving a model: its tasks in flight finish and commit, then its memory is released."""
+    _model_command("unload", model, worker_id, wait, timeout_s, as_json, bootstrap_servers, prefix)
+
+
+@ctl.command("reload")
+def ctl_reload(model: str = RequiredModelOpt, worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
+               timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
+               bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
+    """Re-read a model from the repository and swap it in; a failed reload keeps the old version serving."""
+    _model_command("reload", model, worker_id, wait, timeout_s, as_json, bootstrap_servers, prefix)
+
+
+models_app = typer.Typer(help="Model repositories: validate a repository before deploying it, list what is served.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("validate")
+def models_validate(
+    repo: Path = typer.Argument(..., help="the repository folder (DIR/<name>/model.yaml)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="only this model"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per model, as a list"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N for models whose device is auto"),
+    repeats: int = typer.Option(5, min=1, help="timed runs per batch (the median is shown)"),
+) -> None:
+    """Load each model, run its warm-up, check its outputs against model.yaml, time batch-1 and max-batch.
+
+    Exits 0 when every model passes, 2 otherwise (each error names the file, the key and the expected value).
+    """
+    _logging("WARNING")
+    from autoglm.models.validate import validate_repository
+
+    try:
+        rows = validate_repository(repo, [model] if model else None,
+                                   device=None if device in (None, "auto") else device, repeats=repeats)
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not rows:
+        typer.echo(f"error: {repo} holds no <name>/model.yaml", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps([r.as_dict() for r in rows]).decode())
+    else:
+        _print_validation(rows)
+    raise typer.Exit(0 if all(r.ok for r in rows) else 2)
+
+
+def _print_validation(rows) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    passed = sum(r.ok for r in rows)
+    table = Table(title=f"{passed} of {len(rows)} model(s) pass")
+    for col in ("model", "format", "device", "inputs", "outputs", "batch-1 ms", "max-batch ms", "result"):
+        table.add_column(col, justify="right" if col.endswith("ms") else "left")
+    for r in rows:
+        fmt = "-" if r.batch1_ms is None else f"{r.batch1_ms:.2f}"
+        big = "-" if r.max_batch_ms is None else f"{r.max_batch_ms:.2f} ({r.max_batch})"
+        table.add_row(r.model, r.format, r.device, r.inputs, r.outputs, fmt, big, "ok" if r.ok else "FAILED")
+    Console(width=None if sys.stdout.isatty() else 250, soft_wrap=not sys.stdout.isatty()).print(table)
+    for r in rows:
+        if not r.ok:
+            typer.echo(f"error: {r.model}: {r.error}", err=True)
+
+
+@models_app.command("list")
+def models_list(
+    model_repo: Optional[str] = typer.Option(None, "--model-repo", help="repository folder; env AUTOGLM_MODEL_REPO"),
+    as_json: bool = typer.Option(False, "--json", help="print the list as JSON"),
+) -> None:
+    """List the models a worker can serve: the repository's (with their version) and the built-ins."""
+    from autoglm.models.repository import ModelRepository
+
+    root = model_repo or _env_model_repo()
+    try:
+        rows = ModelRepository(root).describe()
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps(rows).decode())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} model(s)" + (f" (repository {root})" if root else ""))
+    for col in ("model", "source", "format", "inputs", "outputs", "max rows", "fallback", "version"):
+        table.add_column(col)
+    for r in rows:
+        version = r.get("version") or {}
+        shown = "built-in" if version.get("builtin") else f"{version.get('sha256')} @ {version.get('mtime_ms')}"
+        if r.get("error"):
+            table.add_row(r["name"], r["source"], "-", "-", "-", "-", "-", "INVALID: " + r["error"])
+            continue
+        table.add_row(r["name"], r["source"], r["format"], r["inputs"] or "see description",
+                      r["outputs"] or r["description"], str(r["max_rows"] or "-"), r["fallback"] or "-", shown)
+    Console(width=None if sys.stdout.isatty() else 250, soft_wrap=not sys.stdout.isatty()).print(table)
+
+
+@app.command()
+def infer(
+    model: str = typer.Option(..., "--model", "-m", help="the model to run"),
+    input_file: Path = typer.Option(..., "--input", "-i", help="JSON file holding the task's inputs: a tensor "
+                                    "{dtype, shape, data}, a nested list of numbers, a text, a list of texts, or "
+                                    "{name: tensor} ('-' for stdin)"),
+    deadline_s: Optional[float] = typer.Option(None, help="seconds from now after which the task expires"),
+    priority: Optional[int] = typer.Option(None, help="higher is served first"),
+    timeout_s: float = typer.Option(30.0, help="seconds to wait for the result"),
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+    prefix: Optional[str] = PrefixOpt,
+) -> None:
+    """Run one task through the workers (request/reply on a private reply topic) and print its result as JSON.
+
+    Exits 1 when the result is not ok (expired, rejected, error) or none arrives within --timeout-s.
+    """
+    import orjson
+
+    from autoglm.streams.client import Client
+    from autoglm.streams.codec import loads
+    from autoglm.streams.events import TASK_SCHEMA, decode_task
+
+    settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
+    servers = _need_broker(settings)
+    try:
+        raw = sys.stdin.buffer.read() if str(input_file) == "-" else input_file.read_bytes()
+        task = decode_task(orjson.dumps({"schema": TASK_SCHEMA, "id": "cli", "model": model, "inputs": loads(raw)}))
+    except OSError as exc:
+        typer.echo(f"error: cannot read --input {input_file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except AutoGLMError as exc:
+        typer.echo(f"error: --input {input_file}: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    async def go():
+        async with Client(servers, prefix=settings.topic_prefix, client_kwargs=_kafka_kwargs(settings)) as client:
+            return (await client.results(model, [task.inputs], priority=priority, deadline_s=deadline_s,
+                                         timeout_s=timeout_s))[0]
+
+    try:
+        result = asyncio.run(go())
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    outputs = result.outputs
+    shown = (outputs.tolist() if hasattr(outputs, "tolist")
+             else {k: v.tolist() for k, v in outputs.items()} if outputs is not None else None)
+    typer.echo(orjson.dumps({
+        "id": result.id, "model": result.model, "status": result.status, "outputs": shown,
+        "error": None if result.error is None else {"code": result.error.code, "message": result.error.message},
+        "batch_size": result.batch_size, "worker": result.worker, "end_to_end_ms": result.end_to_end_ms,
+    }).decode())
+    raise typer.Exit(0 if result.status == "ok" else 1)
+
+
+def _env_model_repo() -> Optional[str]:
+    import os
+
+    return os.environ.get("AUTOGLM_MODEL_REPO") or None
 
 
 @app.command()

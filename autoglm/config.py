@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     - ``console_token``: the ops console's token (>= 16 chars); unset, ``autoglm
       console`` makes a random one per start and prints the URL that carries it
       (as Jupyter does).
+    - ``model_repo``: a model repository folder (``DIR/<name>/model.yaml``,
+      README "Serve your own model"); with it, ``models`` defaults to every
+      model of the repository, without it to ``digits``. Built-in models
+      stay available by name beside repository models.
     - ``control_key``: unset means control events are not signed (fine on a
       private broker); set it (>= 16 chars) on every worker and ops client to
       require HMAC-SHA256 signatures.
@@ -101,6 +105,7 @@ class Settings(BaseSettings):
     partitions: int = Field(default=3, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=32)
     models: Annotated[tuple[str, ...], NoDecode] = ("digits",)
+    model_repo: str | None = Field(default=None, description="model repository folder (DIR/<name>/model.yaml)")
     group_id: str | None = None
     worker_id: str = Field(default_factory=_default_worker_id)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
@@ -177,6 +182,22 @@ class Settings(BaseSettings):
                 out[model.strip()] = fallback.strip()
             return out
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_of_repository(cls, data: Any) -> Any:
+        """With a model repository and no ``models`` given, serve every model of the repository."""
+        if isinstance(data, dict) and data.get("model_repo") and not data.get("models"):
+            from pathlib import Path
+
+            root = Path(str(data["model_repo"])).expanduser()
+            if not root.is_dir():
+                raise ValueError(f"model_repo (AUTOGLM_MODEL_REPO): {str(root)!r} is not a folder")
+            names = sorted(p.parent.name for p in root.glob("*/model.yaml") if p.is_file())
+            if not names:
+                raise ValueError(f"model_repo (AUTOGLM_MODEL_REPO): {str(root)!r} holds no <name>/model.yaml")
+            data = dict(data, models=names)
+        return data
 
     @model_validator(mode="before")
     @classmethod

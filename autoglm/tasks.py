@@ -169,12 +169,21 @@ async def follow_results(servers: list[str], prefix: str, from_beginning: bool, 
     return seen
 
 
+def _describe_array(array) -> str:
+    head = array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
+    what = f"{array.dtype} {tuple(array.shape)}"
+    if 1 < head.shape[1] <= 16:
+        what += f" argmax {head.argmax(axis=1).tolist()}"
+    elif head.shape[1] == 1 and head.size <= 16:
+        what += f" {head.ravel().tolist()}"
+    return what
+
+
 def _describe(r) -> str:
-    if r.status == "ok" and r.outputs is not None:
-        head = r.outputs.reshape(len(r.outputs), -1) if r.outputs.ndim else r.outputs.reshape(1, 1)
-        what = f"outputs {r.outputs.dtype} {tuple(r.outputs.shape)}"
-        if head.shape[1] <= 16:
-            what += f" argmax {head.argmax(axis=1).tolist()}"
+    if r.status == "ok" and isinstance(r.outputs, dict):  # a multi-output model: named tensors
+        what = "outputs " + ", ".join(f"{name}: {_describe_array(a)}" for name, a in r.outputs.items())
+    elif r.status == "ok" and r.outputs is not None:
+        what = f"outputs {_describe_array(r.outputs)}"
     else:
         what = f"{r.error.code}: {r.error.message}" if r.error else ""
     return (f"{r.id}  {r.status:<8} {r.model:<8} batch {r.batch_size:<3} "

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from autoglm.config import Settings
 from autoglm.errors import AutoGLMError
-from autoglm.models import ModelRunner, default_registry
+from autoglm.models import ModelRunner
 from autoglm.processors.metrics import BatchMetrics, PrometheusMetrics
 from autoglm.streams.embedded import EmbeddedBroker
 from autoglm.streams.security import client_kwargs
@@ -77,23 +77,35 @@ async def check_transactions(settings: Settings, timeout_s: float = 15.0) -> Non
 def load_runners(settings: Settings) -> dict[str, ModelRunner]:
     """Construct, load and warm up one runner per served model (blocking).
 
+    Models come from ``settings.model_repo`` (every spec checked before any
+    model is built) and the built-ins. All or nothing: when one model fails,
+    the runners already started are closed before the error propagates.
+
     Raises:
-        UnknownModelError: a name (or a fallback's) is not in the registry.
+        UnknownModelError: a name (or a fallback's) is neither in the repository nor built in.
+        ModelSpecError: a ``model.yaml`` is invalid, or its model contradicts it at warm-up.
         ConfigError: a fallback cannot stand in for its model.
         ModelLoadError: a model failed to load (and its fallback too, when it has one).
     """
-    registry = default_registry()
+    from autoglm.models.repository import ModelRepository
+
+    registry = ModelRepository(settings.model_repo).registry(settings.models)
     device = None if settings.device == "auto" else settings.device
     for name, fallback in settings.fallbacks.items():
         registry.set_fallback(name, fallback)
     runners: dict[str, ModelRunner] = {}
-    for name in settings.models:
-        runner = registry.create_runner(name, device=device, torch_threads=settings.torch_threads,
-                                        max_failures=settings.fallback_max_failures,
-                                        probe_every=settings.fallback_probe_every)
-        runner.start_sync()
-        log.info("model %s loaded on %s in %.2f s", name, runner.device, runner.load_s or 0.0)
-        runners[name] = runner
+    try:
+        for name in settings.models:
+            runner = registry.create_runner(name, device=device, torch_threads=settings.torch_threads,
+                                            max_failures=settings.fallback_max_failures,
+                                            probe_every=settings.fallback_probe_every)
+            runners[name] = runner
+            runner.start_sync()
+            log.info("model %s loaded on %s in %.2f s", name, runner.device, runner.load_s or 0.0)
+    except BaseException:
+        for runner in runners.values():
+            runner.close(wait=True)
+        raise
     return runners
 
 

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, Union
 
 import numpy as np
 
 from autoglm.processors.errors import ModelError
+from autoglm.models.spec import TensorSpec
+
+#: A task's (or a batch's) output: one array, or named arrays for a multi-output model.
+Outputs = Union[np.ndarray, dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +33,21 @@ class Signature:
         input_kind: ``"tensor"`` or ``"text"``.
         input: human-readable input signature, e.g. ``float32 (B, 1, 8, 8) or (B, 64)``.
         output: human-readable output signature, e.g. ``float32 (B, 10)``.
-        output_dim: size of each output row (10 for digits, 384 for minilm).
+        output_dim: size of each output row (10 for digits, 384 for minilm);
+            for a model with declared ``outputs``, the element count of one
+            row of its first output (-1 when it has a variable axis).
+        outputs: the declared outputs (names, dtypes, per-row shapes), as a
+            repository's ``model.yaml`` gives them; ``None`` for a model whose
+            forward returns one float32 ``(B, output_dim)`` array (the
+            built-ins). When set, the runner checks every batch against them
+            (:func:`autoglm.models.outputs.output_problems`).
     """
 
     input_kind: Literal["tensor", "text"]
     input: str
     output: str
     output_dim: int
+    outputs: tuple[TensorSpec, ...] | None = None
 
 
 class InferenceModel(abc.ABC):
@@ -90,11 +102,13 @@ class InferenceModel(abc.ABC):
         """Join prepared tasks into one batch input (rows concatenated in order)."""
 
     @abc.abstractmethod
-    def forward(self, batch: Any) -> np.ndarray:
+    def forward(self, batch: Any) -> Outputs:
         """Run the model on a collated batch; called on the model's thread.
 
         Returns:
-            float32 numpy array ``(total_rows, output_dim)`` on the CPU.
+            float32 numpy array ``(total_rows, output_dim)`` on the CPU; or, when
+            ``signature.outputs`` is declared, one array ``(total_rows, *row)``
+            of the declared dtype (a single output) or ``{name: array}`` (several).
         """
 
 
@@ -120,12 +134,14 @@ class ItemOutcome:
     Attributes:
         served_by: registry name of the model that ran (or last tried) the task;
             the primary's name unless a fallback served it.
-        output: float32 ``(rows, output_dim)`` when the task succeeded, else ``None``.
+        output: float32 ``(rows, output_dim)`` when the task succeeded (or, for
+            a model with declared outputs, its array ``(rows, *row)`` or named
+            arrays), else ``None``.
         error: set when the task failed, else ``None``.
     """
 
     served_by: str
-    output: np.ndarray | None = None
+    output: Outputs | None = None
     error: ItemError | None = None
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from autoglm.processors.errors import InputSignatureError, ModelLoadError, TensorError
+from autoglm.processors.errors import InputSignatureError, ModelLoadError
 from autoglm.models.base import InferenceModel, Signature
 
 logger = logging.getLogger(__name__)
@@ -310,9 +310,11 @@ class DigitsModel(InferenceModel):
             raise InputSignatureError(
                 f"at most {self.max_rows} rows per task", f"{n} rows ({_actual(inputs)})", model=self.name
             )
-        rows = np.ascontiguousarray(inputs.reshape(n, 1, 8, 8), dtype=np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: refused just below
+            rows = np.ascontiguousarray(inputs.reshape(n, 1, 8, 8), dtype=np.float32)
         if inputs.dtype != np.float32 and not np.isfinite(rows).all():  # e.g. float64 beyond float32's range
-            raise TensorError("inputs.data", "finite numbers within float32's range", f"{_actual(inputs)} that overflows")
+            raise InputSignatureError("finite values within float32's range", f"{_actual(inputs)} that overflows float32",
+                                      model=self.name)
         return rows
 
     def collate(self, items: Sequence[np.ndarray]) -> np.ndarray:

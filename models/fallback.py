@@ -127,7 +127,7 @@ class FallbackRunner:
 
     Raises:
         ConfigError: the two models have the same name, or differ in input
-            kind or output width (the message names both signatures).
+            kind, output width or declared outputs (the message names both signatures).
     """
 
     def __init__(
@@ -142,10 +142,11 @@ class FallbackRunner:
         p, f = primary.model.signature, fallback.model.signature
         if primary.name == fallback.name:
             raise ConfigError(f"model {primary.name!r} cannot be its own fallback")
-        if p.input_kind != f.input_kind or p.output_dim != f.output_dim:
+        if p.input_kind != f.input_kind or p.output_dim != f.output_dim or p.outputs != f.outputs:
             raise ConfigError(
                 f"model {fallback.name!r} cannot stand in for {primary.name!r}: it takes {f.input_kind} "
-                f"and gives rows of {f.output_dim}, the primary takes {p.input_kind} and gives rows of {p.output_dim}"
+                f"and gives {f.output} (rows of {f.output_dim}), the primary takes {p.input_kind} "
+                f"and gives {p.output} (rows of {p.output_dim})"
             )
         self.primary = primary
         self.fallback = fallback

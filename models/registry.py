@@ -34,6 +34,7 @@ class _Entry:
     factory: ModelFactory
     description: str
     fallback: str | None = None
+    device: str | None = None
 
 
 class ModelRegistry:
@@ -46,7 +47,8 @@ class ModelRegistry:
         self._entries: dict[str, _Entry] = {}
 
     def register(
-        self, name: str, factory: ModelFactory, *, description: str = "", fallback: str | None = None
+        self, name: str, factory: ModelFactory, *, description: str = "", fallback: str | None = None,
+        device: str | None = None,
     ) -> None:
         """Register ``factory`` (no arguments, returns a new unloaded model) under ``name``.
 
@@ -54,6 +56,9 @@ class ModelRegistry:
             fallback: registry name of a model that serves ``name``'s tasks
                 while it fails (see :meth:`create_runner`); it may be
                 registered later, and is checked when a runner is created.
+            device: the device this model must run on (``model.yaml``'s
+                ``device``); overrides the ``device`` given to
+                :meth:`create_runner`. ``None`` (or ``"auto"``) takes that one.
 
         Raises:
             ValueError: ``name`` is empty or already registered, or ``fallback``
@@ -65,7 +70,7 @@ class ModelRegistry:
             raise ValueError(f"model {name!r} is already registered")
         if fallback == name:
             raise ValueError(f"model {name!r} cannot be its own fallback")
-        self._entries[name] = _Entry(factory, description, fallback)
+        self._entries[name] = _Entry(factory, description, fallback, None if device == "auto" else device)
 
     def set_fallback(self, name: str, fallback: str | None) -> None:
         """Name (or with ``None`` remove) the fallback of the registered model ``name``.
@@ -143,15 +148,17 @@ class ModelRegistry:
         from autoglm.models.runner import ModelRunner
 
         fallback_name = self._entry(name).fallback if use_fallback else None
+        own_device = self._entry(name).device or device
         if fallback_name is None:
-            return ModelRunner(self.create(name), device=device, torch_threads=torch_threads)
+            return ModelRunner(self.create(name), device=own_device, torch_threads=torch_threads)
         from autoglm.models.fallback import DEFAULT_MAX_FAILURES, DEFAULT_PROBE_EVERY, FallbackRunner
 
         models = (self.create(name), self.create(fallback_name))  # both known before any thread starts
         runners: list[ModelRunner] = []
         try:
             for model in models:
-                runners.append(ModelRunner(model, device=device, torch_threads=torch_threads))
+                runners.append(ModelRunner(model, device=self._entry(model.name).device or device
+                                           if model.name in self else device, torch_threads=torch_threads))
             return FallbackRunner(
                 runners[0],
                 runners[1],
@@ -177,35 +184,22 @@ class ModelRegistry:
         return len(self._entries)
 
 
-def _digits() -> InferenceModel:
-    from autoglm.models.digits import DigitsModel
-
-    return DigitsModel()
-
-
-def _digits_linear() -> InferenceModel:
-    from autoglm.models.digits import DigitsLinearModel
-
-    return DigitsLinearModel()
-
-
-def _minilm() -> InferenceModel:
-    from autoglm.models.minilm import MiniLMModel
-
-    return MiniLMModel()
-
-
 def default_registry() -> ModelRegistry:
-    """A new registry with the built-in models ``digits``, ``digits-linear`` and ``minilm``."""
+    """A new registry with the built-in models ``digits``, ``digits-linear`` and ``minilm``.
+
+    They are built from their specs (:mod:`autoglm.models.builtin`) by
+    :func:`~autoglm.models.repository.create_model`, as repository models are.
+    """
+    from autoglm.models.builtin import BUILTIN_SPECS, builtin_spec
+
     registry = ModelRegistry()
-    registry.register(
-        "digits", _digits, description="8x8 handwritten digits CNN: float32 (B, 64) -> (B, 10) probabilities"
-    )
-    registry.register(
-        "digits-linear", _digits_linear,
-        description="8x8 digits, linear (fallback for digits): float32 (B, 64) -> (B, 10) probabilities",
-    )
-    registry.register(
-        "minilm", _minilm, description="all-MiniLM-L6-v2 sentence embeddings: texts -> float32 (B, 384)"
-    )
+    for name in BUILTIN_SPECS:
+        spec = builtin_spec(name)
+        registry.register(name, lambda spec=spec: _create(spec), description=spec.description)
     return registry
+
+
+def _create(spec) -> InferenceModel:
+    from autoglm.models.repository import create_model
+
+    return create_model(spec)

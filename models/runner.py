@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from typing import Any, Sequence
@@ -34,11 +35,13 @@ from autoglm.processors.errors import (
     ModelLoadError,
 )
 from autoglm.models.base import InferenceModel, ItemError, ItemOutcome
+from autoglm.models.outputs import output_problems, split_outputs
 from autoglm.models.thread import ModelThread
 
 logger = logging.getLogger(__name__)
 
 _DEVICES = ("cpu", "cuda")
+_CUDA_N = re.compile(r"^cuda:(\d+)$")
 
 __all__ = ["ItemError", "ItemOutcome", "ModelRunner", "select_device"]
 
@@ -47,22 +50,31 @@ def select_device(preferred: str | None = None) -> str:
     """Choose the torch device a model runs on.
 
     Args:
-        preferred: ``"cpu"``, ``"cuda"``, or ``None`` / ``"auto"`` to choose
-            (``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``).
-            Case and surrounding spaces are ignored.
+        preferred: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (GPU number N), or
+            ``None`` / ``"auto"`` to choose (``"cuda"`` when
+            ``torch.cuda.is_available()``, else ``"cpu"``). Case and
+            surrounding spaces are ignored.
 
     Returns:
-        ``"cuda"`` or ``"cpu"``.
+        ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
 
     Raises:
-        ModelLoadError: ``"cuda"`` was asked for but no CUDA GPU is usable.
+        ModelLoadError: ``"cuda"`` was asked for but no CUDA GPU is usable, or
+            GPU N does not exist.
         ConfigError: ``preferred`` is none of the values above.
     """
     choice = "auto" if preferred is None else preferred.strip().lower()
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    numbered = _CUDA_N.match(choice)
+    if numbered:
+        index = int(numbered.group(1))
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ModelLoadError(f"device {choice!r} was requested but this machine has {count} usable CUDA GPU(s)")
+        return choice
     if choice not in _DEVICES:
-        raise ConfigError(f"unknown device {preferred!r}: expected 'cpu', 'cuda' or 'auto'")
+        raise ConfigError(f"unknown device {preferred!r}: expected 'cpu', 'cuda', 'cuda:N' or 'auto'")
     if choice == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(
             "device 'cuda' was requested but torch.cuda.is_available() is False "
@@ -343,7 +355,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         try:
             self.model.load(device)
-        except ModelLoadError:
+        except (ModelLoadError, ConfigError):  # ConfigError: a model.yaml that the real model contradicts
             raise
         except Exception as exc:
             raise ModelLoadError(f"model {self.name!r} failed to load on {device}: {exc!r}") from exc
@@ -369,10 +381,18 @@ class ModelRunner:
         self._check_output(out, total)
         if threading.current_thread().name == self._thread.name:  # not a late, abandoned forward
             self.last_inference_s = time.perf_counter() - t0
-        bounds = np.cumsum(counts)[:-1]
-        return np.split(out, bounds, axis=0)
+        return split_outputs(out, counts)
 
     def _check_output(self, out: Any, total: int) -> None:
+        declared = self.model.signature.outputs
+        if declared is not None:
+            problems = output_problems(declared, out, total)
+            if problems:
+                key, expected, actual = problems[0]
+                raise InferenceError(
+                    f"model {self.name!r}: forward returned {actual} for {key}, expected {expected}"
+                )
+            return
         dim = self.model.signature.output_dim
         expected = f"float32 ({total}, {dim})"
         if not isinstance(out, np.ndarray):

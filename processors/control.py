@@ -12,6 +12,15 @@ Semantics (the README's "Control plane" section says the same to users):
   every worker at start, so a worker that starts after a pause starts paused.
   For every (worker, model) the latest matching event wins; a command for all
   models overrides earlier per-model ones because it comes later in the topic.
+- ``load`` / ``unload`` / ``reload`` (each naming ``target.model``) are
+  **state** too, sharing one slot per (worker, model): the latest wins, and a
+  worker that starts later loads what was loaded and leaves out what was
+  unloaded. ``reload`` means "loaded, at the repository's newest version";
+  each one applied bumps the model's ``generation``, so a worker that already
+  serves it swaps to a fresh load. An unloaded model counts as paused (its
+  tasks wait in Kafka). Loading and unloading themselves (files, memory,
+  draining that model's tasks) are the worker's: :class:`Decision` says which
+  models to load, unload or reload, and the worker acknowledges when done.
 - ``drain`` and ``status`` are **live**: they apply to the workers running when
   they are issued and are skipped on replay (a freshly deployed worker is not
   drained by a drain meant for its predecessor).
@@ -34,8 +43,10 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from autoglm.processors import tunables
 
-STATE_COMMANDS = ("pause", "resume", "configure")
+STATE_COMMANDS = ("pause", "resume", "configure", "load", "unload", "reload")
 LIVE_COMMANDS = ("drain", "status")
+#: Commands about one model's presence on a worker; each needs ``target.model``.
+MODEL_COMMANDS = ("load", "unload", "reload")
 
 #: ``configure`` parameters and their ranges: defined once, in :mod:`autoglm.processors.tunables`.
 CONFIGURE_PARAMS = tunables.CONFIGURE_PARAMS
@@ -71,6 +82,8 @@ def control_key(command: str, target: Mapping[str, str], params: Mapping[str, An
     model = target.get("model") or "*"
     if command in ("pause", "resume"):
         return f"run/{worker}/{model}"
+    if command in MODEL_COMMANDS:
+        return f"model/{worker}/{model}"
     if command == "configure":
         return f"configure/{worker}/{model}/{','.join(sorted(params or {}))}"
     return f"{command}/{worker}"
@@ -105,6 +118,12 @@ class Decision:
         configure: model -> parameters to apply to that model's batching policy.
         drain: the caller must drain now and acknowledge when drained.
         report: the caller must include a full status report in the ack.
+        load: models the caller must load (create their topics, load and warm
+            up off the event loop), then fetch; acknowledge when done or failed.
+        unload: models the caller must drain (finish, publish, commit their
+            tasks in flight) and then release; acknowledge when done.
+        reload: models the caller must load afresh and swap in, keeping the
+            old version serving when the new one fails; acknowledge either way.
     """
 
     status: str
@@ -114,6 +133,14 @@ class Decision:
     configure: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     drain: bool = False
     report: bool = False
+    load: tuple[str, ...] = ()
+    unload: tuple[str, ...] = ()
+    reload: tuple[str, ...] = ()
+
+    @property
+    def deferred_ack(self) -> bool:
+        """Whether the caller acknowledges only after it has loaded, unloaded or reloaded."""
+        return bool(self.load or self.unload or self.reload)
 
 
 class ControlState:
@@ -133,6 +160,8 @@ class ControlState:
             for all models.
         drained: the drain finished (nothing in flight, all committed).
         params: model -> the batching parameters last configured by control.
+        generation: model -> how many ``load``/``reload`` commands applied to it
+            (the version a worker should serve; 0 for a model served from start).
     """
 
     def __init__(self, worker_id: str, models: Iterable[str], *, seen_ids_max: int = SEEN_IDS_MAX):
@@ -143,6 +172,8 @@ class ControlState:
         self.drained = False
         self.params: dict[str, dict[str, Any]] = {m: {} for m in self.models}
         self._paused: dict[str, bool] = {m: False for m in self.models}
+        self._loaded: dict[str, bool] = {m: True for m in self.models}
+        self.generation: dict[str, int] = {m: 0 for m in self.models}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._seen_max = seen_ids_max
         self._last_issued_ms: dict[str, int] = {}
@@ -154,7 +185,11 @@ class ControlState:
         """Whether the stream of ``model`` must not be fetched now (unknown models: paused)."""
         if model is None or model not in self._paused:
             return True
-        return not self.ready or self.draining or self._paused[model]
+        return not self.ready or self.draining or self._paused[model] or not self._loaded[model]
+
+    def is_loaded(self, model: str) -> bool:
+        """Whether ``model`` should be loaded on this worker (served from start, or loaded by control)."""
+        return self._loaded.get(model, False)
 
     def paused_by_command(self, model: str) -> bool:
         """Whether a ``pause`` command (not a drain or the start-up replay) holds ``model``."""
@@ -167,7 +202,8 @@ class ControlState:
             "draining": self.draining,
             "drained": self.drained,
             "models": {
-                m: {"paused": self._paused[m], "fetching": not self.is_paused(m), "params": dict(self.params[m])}
+                m: {"paused": self._paused[m], "loaded": self._loaded[m], "fetching": not self.is_paused(m),
+                    "params": dict(self.params[m]), "generation": self.generation[m]}
                 for m in self.models
             },
         }
@@ -220,6 +256,8 @@ class ControlState:
             self.applied += 1
             return Decision("ok", ack=not replay, reason=note, models=tuple(served),
                             configure={m: params for m in served})
+        if event.command in MODEL_COMMANDS:
+            return self._apply_model_command(event, key, model, replay)
         if event.command == "drain":
             self.draining, self.drained = True, False
             self.applied += 1
@@ -227,6 +265,47 @@ class ControlState:
         if event.command == "status":
             return Decision("ok", ack=True, report=True)
         return Decision("rejected", ack=not replay, reason=f"unknown command {event.command!r}")
+
+    def _apply_model_command(self, event: ControlEventLike, key: str, model: str | None, replay: bool) -> Decision:
+        if not model:
+            return Decision("rejected", ack=not replay, reason=f"{event.command} needs target.model (the model to "
+                                                                f"{event.command})")
+        self._last_issued_ms[key] = event.issued_ms
+        self.applied += 1
+        if event.command == "unload":
+            if not self._loaded.get(model, False):
+                return Decision("ok", ack=not replay, reason=f"model {model!r} is not loaded on this worker",
+                                models=(model,) if model in self._loaded else ())
+            self._loaded[model] = False
+            return Decision("ok", ack=not replay, models=(model,), unload=(model,))
+        was_loaded = self._loaded.get(model, False)
+        if was_loaded and (event.command == "load" or replay):
+            # already served (a started worker has just loaded the newest version)
+            return Decision("ok", ack=not replay, reason=f"model {model!r} is already loaded", models=(model,))
+        if model not in self._paused:
+            self.models = (*self.models, model)
+            self._paused[model] = False
+            self.params[model] = {}
+            self.generation[model] = 0
+        self._loaded[model] = True
+        self.generation[model] += 1
+        if event.command == "reload" and was_loaded:
+            return Decision("ok", ack=not replay, models=(model,), reload=(model,))
+        return Decision("ok", ack=not replay, models=(model,), load=(model,))
+
+    def model_command_failed(self, command: str, model: str) -> None:
+        """The caller could not carry out ``command`` for ``model``: undo its desired state.
+
+        A failed ``load`` leaves the model unloaded (not fetched); a failed
+        ``unload`` leaves it loaded (it keeps serving); a failed ``reload``
+        changes nothing (the old version serves on).
+        """
+        if model not in self._loaded:
+            return
+        if command == "load":
+            self._loaded[model] = False
+        elif command == "unload":
+            self._loaded[model] = True
 
     def configured(self, model: str, params: Mapping[str, Any]) -> None:
         """Record that ``params`` were applied to ``model``'s policy (shown in status)."""

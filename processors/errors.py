@@ -10,6 +10,7 @@ non-retriable one will fail the same way every time.
 
     AutoGLMError
     ├── ConfigError                 (ValueError)  a setting is missing or invalid
+    │   └── ModelSpecError                        a model.yaml key is wrong (names file, key, expected)
     ├── EventError                  (ValueError)  an event on the wire is unusable
     │   ├── EventDecodeError                      not UTF-8 JSON, or not an object
     │   ├── SchemaVersionError                    unknown schema name or major version
@@ -21,8 +22,13 @@ non-retriable one will fail the same way every time.
     │   ├── ModelLoadError                        weights missing, load failed
     │   └── InferenceError                        forward raised or returned the wrong rows
     │       └── InferenceTimeoutError             forward did not return within the batch timeout
-    └── BrokerError                               talking to Kafka failed (retriable)
-        └── EmbeddedBrokerError                   the embedded broker would not start
+    ├── BrokerError                               talking to Kafka failed (retriable)
+    │   └── EmbeddedBrokerError                   the embedded broker would not start
+    ├── TaskFailedError                           a result came back without outputs (client side)
+    │   ├── TaskExpiredError                      status ``expired``: the deadline passed
+    │   ├── TaskRejectedError                     status ``rejected``: the task was invalid
+    │   └── TaskErrorResult                       status ``error``: the model failed on it
+    └── ReplyTimeoutError           (TimeoutError) no result within the client's timeout (retriable)
 
 Errors translate library exceptions at the edge: code outside ``streams/``
 never sees an aiokafka or faust exception type.
@@ -35,6 +41,7 @@ from typing import Any
 __all__ = [
     "AutoGLMError",
     "ConfigError",
+    "ModelSpecError",
     "EventError",
     "EventDecodeError",
     "SchemaVersionError",
@@ -51,6 +58,11 @@ __all__ = [
     "ControlSignatureError",
     "TaskTooLargeError",
     "TopicMissingError",
+    "TaskFailedError",
+    "TaskExpiredError",
+    "TaskRejectedError",
+    "TaskErrorResult",
+    "ReplyTimeoutError",
 ]
 
 
@@ -70,6 +82,30 @@ class ConfigError(AutoGLMError, ValueError):
     """A setting is missing or invalid; the message names the setting and its env variable."""
 
     code = "config"
+
+
+class ModelSpecError(ConfigError):
+    """A model repository entry is unusable: a ``model.yaml`` key, its file, its factory or its signature.
+
+    Args:
+        file: the ``model.yaml`` (or other file) at fault, as a path string.
+        key: dotted key in that file, e.g. ``outputs[0].dtype`` (``""`` for the whole file).
+        expected: what is allowed, in words.
+        actual: what was found (shortened for the message).
+    """
+
+    code = "model_spec"
+
+    def __init__(self, file: str, key: str, expected: str, actual: Any):
+        shown = actual if isinstance(actual, str) else repr(actual)
+        if len(shown) > 300:
+            shown = shown[:297] + "..."
+        where = f"{file}: key {key!r}" if key else str(file)
+        super().__init__(f"{where}: expected {expected}, got {shown}")
+        self.file = file
+        self.key = key
+        self.expected = expected
+        self.actual = actual
 
 
 class EventError(AutoGLMError, ValueError):
@@ -232,3 +268,47 @@ class TopicMissingError(BrokerError):
     """A topic the operation needs does not exist on the broker."""
 
     code = "topic_missing"
+
+
+class TaskFailedError(AutoGLMError):
+    """A task's result came back with a status other than ``ok`` (raised by ``autoglm.Client``).
+
+    Args:
+        result: the :class:`~autoglm.streams.events.Result` that came back.
+
+    Attributes:
+        code: the result's ``error.code`` (e.g. ``deadline_expired``, ``input_signature``).
+        task_id, model, status: of the result.
+        result: the whole result (timings, worker, attributes).
+    """
+
+    code = "task_failed"
+
+    def __init__(self, result: Any):
+        error = getattr(result, "error", None)
+        self.code = getattr(error, "code", None) or result.status
+        self.task_id = result.id
+        self.model = result.model
+        self.status = result.status
+        self.result = result
+        super().__init__(f"task {result.id!r} ({result.model or '?'}): {result.status}: "
+                         f"{getattr(error, 'message', '') or '(no message)'} [{self.code}]")
+
+
+class TaskExpiredError(TaskFailedError):
+    """Status ``expired``: the task's deadline passed before the model served it."""
+
+
+class TaskRejectedError(TaskFailedError):
+    """Status ``rejected``: the task was invalid (schema, inputs, model); it went to the dead-letter topic."""
+
+
+class TaskErrorResult(TaskFailedError):
+    """Status ``error``: the model failed on the task (its ``code`` says how)."""
+
+
+class ReplyTimeoutError(AutoGLMError, TimeoutError):
+    """No result arrived for a task within the client's ``timeout_s`` (the task may still be served later)."""
+
+    code = "reply_timeout"
+    retriable = True

@@ -51,7 +51,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from autoglm.processors.errors import BrokerError, ControlSignatureError, EventDecodeError, EventError, TopicMissingError
-from autoglm.processors.control import ControlState, Decision, check_configure_params, control_key
+from autoglm.processors.control import MODEL_COMMANDS, ControlState, Decision, check_configure_params, control_key
 from autoglm.processors.metrics import BatchMetrics
 from autoglm.streams.codec import dumps, loads
 from autoglm.streams.events import (
@@ -179,6 +179,12 @@ class ControlPlane:
         metrics: gauges set at every heartbeat (in flight and cap, queue depth, consumer lag);
             see :class:`~autoglm.processors.metrics.BatchMetrics`.
         key: HMAC key, or None when control events are not signed.
+        model_command: ``await model_command(command, model)`` carries out a
+            ``load``, ``unload`` or ``reload`` (e.g. through
+            :class:`~autoglm.models.host.ModelHost` plus the worker's fetching
+            and draining) and returns figures for the ack (the version
+            served); an exception becomes an ``error`` ack with its message.
+            ``None``: such commands are acknowledged as ``rejected``.
         status_interval_s: heartbeat period, seconds.
         drain_timeout_s: the longest a drain may take before it is acked as failed.
         client_kwargs: security arguments for the control consumer.
@@ -204,6 +210,7 @@ class ControlPlane:
         status_interval_s: float = 5.0,
         drain_timeout_s: float = 120.0,
         client_kwargs: dict[str, Any] | None = None,
+        model_command: Callable[[str, str], Awaitable[dict[str, Any]]] | None = None,
     ):
         self.bootstrap_servers = bootstrap_servers
         self.names = names
@@ -219,6 +226,7 @@ class ControlPlane:
         self._totals = totals
         self._metrics = metrics or BatchMetrics()
         self._key = key
+        self._model_command = model_command
         self.status_interval_s = status_interval_s
         self.drain_timeout_s = drain_timeout_s
         self._client_kwargs = client_kwargs or {}
@@ -318,6 +326,8 @@ class ControlPlane:
                 event.command, event.target or "all", event.params or "", decision.status, decision.reason)
         if decision.drain:
             self._spawn(self._drain_then_ack(event))
+        elif decision.deferred_ack:
+            self._spawn(self._models_then_ack(event, decision, replay=replay))
         elif decision.ack:
             self._spawn(self._ack(event, decision))
         return decision
@@ -358,6 +368,27 @@ class ControlPlane:
         figures = dict(figures, drain_ms=(time.monotonic() - started) * 1000.0)
         log.info("drained: %s", figures)
         await self._ack(event, Decision("ok", ack=True), extra={"drain": figures})
+
+    async def _models_then_ack(self, event: ControlEvent, decision: Decision, *, replay: bool) -> None:
+        """Run the load/unload/reload a decision asks for, then acknowledge (not on replay)."""
+        jobs = [("load", m) for m in decision.load] + [("unload", m) for m in decision.unload] + \
+               [("reload", m) for m in decision.reload]
+        status, reason, figures = "ok", decision.reason, {}
+        for command, model in jobs:
+            if self._model_command is None:
+                status, reason = "rejected", "this worker cannot load or unload models at run time"
+                for undo, name in jobs:
+                    self.state.model_command_failed(undo, name)
+                break
+            try:
+                figures[model] = await self._model_command(command, model)
+            except Exception as exc:
+                log.error("control plane: %s of model %s failed: %s", command, model, exc)
+                status, reason = "error", f"{command} {model}: {exc}"
+                self.state.model_command_failed(command, model)
+        if decision.ack and not replay:
+            await self._ack(event, Decision(status, ack=True, reason=reason, models=decision.models),
+                            extra={"models": figures})
 
     def _report(self, *, window: bool) -> dict[str, Any]:
         now = time.monotonic()
@@ -563,6 +594,8 @@ class ControlClient:
         """
         if command not in CONTROL_COMMANDS:
             raise ValueError(f"unknown command {command!r}; expected one of {CONTROL_COMMANDS}")
+        if command in MODEL_COMMANDS and not model:
+            raise ValueError(f"{command} needs a model (--model NAME)")
         params = dict(params or {})
         if command == "configure":
             check_configure_params(params)

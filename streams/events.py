@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
-from autoglm.processors.errors import EventDecodeError, EventValidationError, SchemaVersionError
+from autoglm.processors.errors import EventDecodeError, EventValidationError, SchemaVersionError, TensorError
 from autoglm.streams.codec import decode_tensor, dumps, encode_tensor, loads, preview
 
 TASK_SCHEMA = "autoglm.task/v1"
@@ -27,7 +27,7 @@ RESULT_SCHEMA = "autoglm.result/v1"
 CONTROL_SCHEMA = "autoglm.control/v1"
 
 RESULT_STATUSES = ("ok", "error", "expired", "rejected")
-CONTROL_COMMANDS = ("pause", "resume", "drain", "configure", "status")
+CONTROL_COMMANDS = ("pause", "resume", "drain", "configure", "status", "load", "unload", "reload")
 
 #: Kafka's legal topic-name characters and length (kafka.common.internals.Topic).
 TOPIC_NAME_RE = re.compile(r"^[a-zA-Z0-9._-]{1,249}$")
@@ -35,7 +35,11 @@ MAX_ID_CHARS = 256
 
 _SCHEMA_RE = re.compile(r"^autoglm\.(?P<kind>[a-z]+)/v(?P<major>\d+)(?:\.\d+)?$")
 
-Inputs = Union[np.ndarray, list[str]]
+Inputs = Union[np.ndarray, list[str], dict[str, np.ndarray]]
+#: A result's outputs: one tensor, or named tensors (a multi-output model).
+Outputs = Union[np.ndarray, dict[str, np.ndarray]]
+#: The keys of a wire tensor object; an object of named tensors has other keys.
+_TENSOR_KEYS = frozenset({"dtype", "shape", "data"})
 
 
 def now_ms() -> int:
@@ -50,8 +54,9 @@ class Task:
     Attributes:
         id: unique per task; results are keyed by it.
         model: registry name of the model to run.
-        inputs: a numpy array (rows along axis 0 where the model batches) or
-            a list of strings for text models.
+        inputs: a numpy array (rows along axis 0 where the model batches),
+            a list of strings for text models, or ``{name: array}`` for a
+            model with several named inputs.
         priority: higher is served first (used by the adaptive batcher).
         deadline_ms: epoch ms after which the result is ``expired``; or None.
         created_ms: epoch ms when the producer created the task; or None.
@@ -82,7 +87,8 @@ class Result:
     """The answer to one task; key on the wire is the task id.
 
     Attributes:
-        outputs: float32 array (rows, ...) when ``status == "ok"``, else None.
+        outputs: when ``status == "ok"``, one array ``(rows, ...)`` of any
+            wire dtype, or ``{name: array}`` for a multi-output model; else None.
         error: set when ``status != "ok"``.
         batch_size: number of tasks in the micro-batch that served this one.
         worker: id of the worker that produced it.
@@ -97,7 +103,7 @@ class Result:
     id: str
     model: str
     status: Literal["ok", "error", "expired", "rejected"]
-    outputs: np.ndarray | None = None
+    outputs: Outputs | None = None
     error: ErrorInfo | None = None
     batch_size: int = 0
     worker: str = ""
@@ -110,7 +116,8 @@ class Result:
 
 @dataclass(frozen=True, slots=True)
 class ControlEvent:
-    """A command to every worker: ``pause``, ``resume``, ``drain``, ``configure``, ``status``."""
+    """A command to every worker: ``pause``, ``resume``, ``drain``, ``configure``, ``status``,
+    ``load``, ``unload``, ``reload`` (the last three name a model in ``target.model``)."""
 
     id: str
     command: str
@@ -123,8 +130,8 @@ class ControlEvent:
 
 
 def encode_task(task: Task) -> bytes:
-    """Serialize a task; array inputs become base64 wire tensors."""
-    inputs: Any = task.inputs if isinstance(task.inputs, list) else encode_tensor(task.inputs)
+    """Serialize a task; array inputs become base64 wire tensors, named inputs an object of them."""
+    inputs: Any = task.inputs if isinstance(task.inputs, list) else encode_outputs(task.inputs, field="inputs")
     doc: dict[str, Any] = {"schema": TASK_SCHEMA, "id": task.id, "model": task.model, "inputs": inputs}
     if task.priority:
         doc["priority"] = task.priority
@@ -186,7 +193,7 @@ _VALID_TASK_SCHEMAS: set[str] = {TASK_SCHEMA}
 
 
 def _decode_inputs(value: Any, check_finite: bool = True) -> Inputs:
-    if type(value) is dict:  # the common case: a base64 tensor
+    if type(value) is dict and "dtype" in value:  # the common case: one base64 tensor
         return decode_tensor(value, field="inputs", check_finite=check_finite)
     if value is _MISSING:
         raise EventValidationError("inputs", "a tensor, a text or a list of texts", "missing")
@@ -196,14 +203,47 @@ def _decode_inputs(value: Any, check_finite: bool = True) -> Inputs:
         return list(value)
     if isinstance(value, list) and any(isinstance(v, str) for v in value):
         raise EventValidationError("inputs", "a list of texts only", "a list mixing texts and other values")
-    return decode_tensor(value, field="inputs", check_finite=check_finite)
+    return decode_outputs(value, field="inputs", check_finite=check_finite)
+
+
+def encode_outputs(outputs: Outputs, *, field: str = "outputs") -> dict[str, Any]:
+    """One array as a wire tensor; ``{name: array}`` as an object of wire tensors (names kept in order).
+
+    Raises:
+        TensorError: unsupported dtype or non-finite values (``field.name`` named).
+    """
+    if not isinstance(outputs, dict):
+        return encode_tensor(outputs)
+    if not outputs or _TENSOR_KEYS & set(outputs):
+        raise TensorError(field, "named tensors with names other than dtype, shape, data", sorted(outputs))
+    encoded = {}
+    for name, array in outputs.items():
+        try:
+            encoded[name] = encode_tensor(array)
+        except TensorError as exc:
+            raise TensorError(f"{field}.{name}", exc.expected, exc.actual) from None
+    return encoded
+
+
+def decode_outputs(value: Any, *, field: str = "outputs", check_finite: bool = True) -> Outputs:
+    """A wire tensor (or nested list) as one array; an object of named wire tensors as ``{name: array}``.
+
+    An object that has any of the keys ``dtype``, ``shape``, ``data`` is one tensor.
+
+    Raises:
+        TensorError: a tensor is malformed (the field path names it, e.g. ``outputs.label.dtype``).
+    """
+    if isinstance(value, dict) and value and not (_TENSOR_KEYS & set(value)):
+        return {str(name): decode_tensor(t, field=f"{field}.{name}", check_finite=check_finite)
+                for name, t in value.items()}
+    return decode_tensor(value, field=field, check_finite=check_finite)
 
 
 # -- results -----------------------------------------------------------------
 
 
 def encode_result(result: Result) -> bytes:
-    """Serialize a result; outputs become a base64 wire tensor.
+    """Serialize a result; outputs become a base64 wire tensor, or an object of them when named.
 
     Raises:
         TensorError: outputs hold NaN/inf (never emitted; callers turn this
@@ -222,7 +262,7 @@ def encode_result(result: Result) -> bytes:
         "attributes": result.attributes,
     }
     if result.outputs is not None:
-        doc["outputs"] = encode_tensor(result.outputs)
+        doc["outputs"] = encode_outputs(result.outputs)
     if result.error is not None:
         doc["error"] = {"code": result.error.code, "message": result.error.message}
     if result.served_by is not None and result.served_by != result.model:
@@ -253,7 +293,7 @@ def decode_result(raw: bytes | bytearray | memoryview | str | None) -> Result:
         id=_req_str(doc, "id", max_len=MAX_ID_CHARS),
         model=model,
         status=status,
-        outputs=None if outputs is None else decode_tensor(outputs, field="outputs"),
+        outputs=None if outputs is None else decode_outputs(outputs, field="outputs"),
         error=None if not isinstance(err, dict) else ErrorInfo(_text(err.get("code")), _text(err.get("message"))),
         batch_size=_opt_int(doc, "batch_size", default=0),
         worker=_text(doc.get("worker", "")),

@@ -399,7 +399,7 @@ class TaskPipeline:
                 continue
             valid.append(Pending(task, prepared, tp, offset, received_s, received_ms, record.key, value))
         # NaN/inf: one vectorised check of what the model would see (the prepared rows), per poll
-        if valid and not all_finite([p.prepared for p in valid if type(p.prepared) is np.ndarray]):
+        if valid and not all_finite([a for p in valid for a in _arrays(p.prepared)]):
             valid = self._reject_non_finite(valid, rejected)
         if rejected:
             self._spawn(self._dead_letters(tp, rejected))
@@ -421,7 +421,7 @@ class TaskPipeline:
         """The poll's vectorised check failed: find the tasks with NaN/inf, task by task."""
         keep = []
         for p in valid:
-            if type(p.prepared) is np.ndarray and not all_finite([p.prepared]):
+            if not all_finite(_arrays(p.prepared)):
                 rejected.append((p.offset, p.key, p.value, TensorError(
                     "inputs.data", "finite numbers", "NaN or inf", task_id=p.task.id, model=p.task.model)))
             else:
@@ -744,6 +744,15 @@ class _Failed:
     @property
     def error(self) -> ErrorInfo:
         return self.info
+
+
+def _arrays(prepared: Any) -> list[np.ndarray]:
+    """The arrays of a prepared task: itself, or the values of named inputs (texts have none)."""
+    if type(prepared) is np.ndarray:
+        return [prepared]
+    if isinstance(prepared, dict):
+        return [a for a in prepared.values() if isinstance(a, np.ndarray)]
+    return []
 
 
 def _reply_to(value: bytes | None, exc: EventError) -> str | None:

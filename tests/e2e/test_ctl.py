@@ -141,7 +141,8 @@ def test_pause_and_resume_wait_against_the_embedded_broker(embedded_bootstrap, p
     assert outcome["expected"] == ["w0", "w1"] == sorted(outcome["acks"])
     for ack in outcome["acks"].values():
         assert ack["event_id"] == outcome["event_id"] and ack["status"] == "ok"
-        assert ack["state"]["models"]["digits"] == {"paused": True, "fetching": False, "params": {}}
+        assert ack["state"]["models"]["digits"] == {"paused": True, "loaded": True, "fetching": False,
+                                                       "params": {}, "generation": 0}
     wait_status(env, lambda live: all(hb["state"]["models"]["digits"]["paused"] for hb in live.values())
                 and len(live) == 2, "both workers to report paused", timeout_s=20)
 

@@ -99,10 +99,14 @@ def check_task(task: Task) -> None:
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in task.attributes.items())
     if isinstance(task.inputs, list):
         assert task.inputs and all(isinstance(t, str) for t in task.inputs)
-    else:
-        assert isinstance(task.inputs, np.ndarray) and task.inputs.flags.c_contiguous
-        if task.inputs.dtype.kind == "f":
-            assert np.isfinite(task.inputs).all()
+        return
+    # one tensor, or named tensors (an object without dtype/shape/data keys: a multi-input model's inputs)
+    arrays = task.inputs.values() if isinstance(task.inputs, dict) else [task.inputs]
+    assert arrays
+    for array in arrays:
+        assert isinstance(array, np.ndarray) and array.flags.c_contiguous
+        if array.dtype.kind == "f":
+            assert np.isfinite(array).all()
 
 
 def check_prepared(model: Any, prepared: Any) -> None:
