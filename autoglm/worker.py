@@ -130,8 +130,16 @@ def worker_config(settings: Settings) -> "WorkerConfig":
         inference_timeout_s=settings.inference_timeout_s, max_task_bytes=settings.max_task_bytes,
         max_result_bytes=settings.max_result_bytes, status_interval_s=settings.status_interval_s,
         drain_timeout_s=settings.drain_timeout_s, control_key=settings.control_key_bytes,
-        stop_timeout_s=settings.stop_timeout_s,
+        stop_timeout_s=settings.stop_timeout_s, partitions=settings.partitions,
+        replication_factor=settings.replication_factor,
     )
+
+
+def runner_options(settings: Settings) -> dict:
+    """What a runner of a model loaded at run time (``ctl load``) is built with, as at start."""
+    return {"device": None if settings.device == "auto" else settings.device,
+            "torch_threads": settings.torch_threads, "max_failures": settings.fallback_max_failures,
+            "probe_every": settings.fallback_probe_every}
 
 
 def worker_metrics(settings: Settings) -> BatchMetrics | None:
@@ -167,8 +175,11 @@ def run_worker(settings: Settings) -> int:
         except AutoGLMError as exc:
             log.error("%s", exc)
             return 2
-        app, _worker = build_worker_app(worker_config(live), runners, metrics=worker_metrics(live),
-                                        datadir=faust_datadir(live))
+        from autoglm.models.repository import ModelRepository
+
+        app, worker = build_worker_app(worker_config(live), runners, metrics=worker_metrics(live),
+                                       datadir=faust_datadir(live), repository=ModelRepository(live.model_repo),
+                                       runner_options=runner_options(live))
         log.info(
             "worker %s serving %s from %s (group %s)",
             live.worker_id, ", ".join(live.models), live.bootstrap_servers, live.consumer_group,
@@ -176,5 +187,7 @@ def run_worker(settings: Settings) -> int:
         try:
             return run_app(app, log_level=live.log_level)
         finally:
-            for runner in runners.values():
-                runner.close(wait=True)  # join the model thread: a torch thread alive at exit aborts the process
+            # join the model threads (those loaded at run time too): a torch thread alive at exit aborts
+            # the process; closing a runner twice is a no-op
+            for runner in [*runners.values(), *worker.pipeline.runners.values()]:
+                runner.close(wait=True)

@@ -35,8 +35,11 @@ from autoglm.processors.adaptive import AdaptiveBatchPolicy
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.control import ControlState
 from autoglm.processors.metrics import BatchMetrics, MetricsGroup, TaskTotals
+from autoglm.models.host import ModelHost
+from autoglm.models.repository import ModelRepository
 from autoglm.streams.consumer import ConsumerConfig, TaskConsumer  # noqa: F401  (ConsumerConfig: re-exported)
 from autoglm.streams.control import ControlPlane
+from autoglm.streams.hot_models import HotModels
 from autoglm.streams.pipeline import TaskPipeline
 from autoglm.streams.producer import BatchProducer
 from autoglm.streams.topics import TopicCache, TopicNames
@@ -67,6 +70,7 @@ class WorkerConfig:
             :class:`~autoglm.streams.control.ControlPlane`.
         stop_timeout_s: the longest a stop waits for partial batches to be served and delivered.
         delivery_timeout_s: the longest the broker may take to acknowledge a batch's records.
+        partitions, replication_factor: for the task topic of a model loaded at run time (``ctl load``).
     """
 
     consumer: ConsumerConfig
@@ -86,6 +90,8 @@ class WorkerConfig:
     control_key: bytes | None = field(default=None, repr=False)
     stop_timeout_s: float = 30.0
     delivery_timeout_s: float = 120.0
+    partitions: int = 3
+    replication_factor: int = 1
 
 
 class WorkerBoot(BootStrategy):
@@ -119,10 +125,21 @@ class Worker(Service):
         policies: model name -> batching policy (default: one :class:`AdaptiveBatchPolicy`
             per model from ``config``).
         metrics: batching metrics (default: none).
+        repository: where ``ctl load``/``reload`` read models from (the built-ins alone when
+            None); each served model's ``batching`` defaults from it are applied to its policy.
+        runner_options: ``device``, ``torch_threads``, ``max_failures``, ``probe_every`` for the
+            runners of models loaded at run time (see :class:`~autoglm.models.host.ModelHost`).
+
+    Hot models (``ctl load``/``unload``/``reload``, README "Control plane"): the
+    :class:`~autoglm.models.host.ModelHost` changes :attr:`TaskPipeline.runners` in place;
+    a load adds the model's policy, batcher and window and subscribes to its task topic; an
+    unload first serves the tasks already published to that topic when it arrived (bounded
+    fetching, :meth:`TaskConsumer.fetch_until`), commits, then drops them and unsubscribes.
     """
 
     def __init__(self, config: WorkerConfig, runners: Mapping[str, Any],
                  policies: Mapping[str, BatchPolicy] | None = None, metrics: BatchMetrics | None = None,
+                 *, repository: ModelRepository | None = None, runner_options: Mapping[str, Any] | None = None,
                  **kwargs: Any):
         super().__init__(**kwargs)
         self.config = config
@@ -132,15 +149,15 @@ class Worker(Service):
         metrics = self.metrics
         self.names = names = TopicNames(config.prefix)
         cc = config.consumer
+        self.repository = repository if repository is not None else ModelRepository(None)
         if policies is None:
-            policies = {name: AdaptiveBatchPolicy(config.latency_target_s, config.max_batch_size, config.max_wait_s,
-                                                  mode=config.batching_mode) for name in runners}
+            policies = {name: self._new_policy(name) for name in runners}
+        else:
+            for name, policy in policies.items():
+                self._apply_batching_defaults(name, policy)
         for name, policy in policies.items():
-            policy.set_in_flight_cap(cc.max_in_flight)
-            if cc.max_in_flight < policy.max_batch_size:
-                log.warning("model %s: MAX_IN_FLIGHT=%d (AUTOGLM_MAX_IN_FLIGHT) is below MAX_BATCH_SIZE=%d "
-                            "(AUTOGLM_MAX_BATCH_SIZE): batches hold at most %d tasks", name, cc.max_in_flight,
-                            policy.max_batch_size, cc.max_in_flight)
+            self._cap_policy(name, policy)
+        self._hot_tasks: set[asyncio.Task] = set()
         self._producer: AIOKafkaProducer | None = None
         self._batches: BatchProducer | None = None
         self.topics = TopicCache(cc.bootstrap_servers, client_kwargs=cc.client_kwargs)
@@ -160,11 +177,16 @@ class Worker(Service):
             transact=self.settler,
         )
         self.control_state = ControlState(config.worker_id, list(runners))
+        self._fixed_topics = bool(cc.topics)
         topics = cc.topics or tuple(names.tasks(m) for m in runners)
+        #: models being unloaded: served up to the bounds taken when the unload arrived
+        self._unloading: set[str] = set()
+        self.host = ModelHost(self.repository, self.pipeline.runners, on_change=self._model_changed,
+                              **dict(runner_options or {}))
         self.consumer = TaskConsumer(
             dataclasses.replace(cc, topics=topics, commit=self.settler is None),
             self.pipeline,
-            is_paused=lambda tp: self.control_state.is_paused(names.model_of(tp.topic)),
+            is_paused=self._fetch_paused,
             before_revoke=self._before_revoke,
             after_revoke=self._after_revoke,
             on_assigned=self.pipeline.assigned,
@@ -173,13 +195,130 @@ class Worker(Service):
         self.control = ControlPlane(
             bootstrap_servers=cc.bootstrap_servers, names=names, state=self.control_state,
             produce=self._send_status, configure=lambda model, params: self.pipeline.configure(model, **params),
-            drain=self.drain, figures=self.pipeline.figures, lag=self.lag_per_model,
+            drain=self.drain, figures=self._figures, lag=self.lag_per_model,
             in_flight=lambda: self.pipeline.in_flight, max_in_flight=cc.max_in_flight,
             counters=lambda: dataclasses.asdict(self.pipeline.counters), totals=self.totals.snapshot,
             metrics=self.metrics, key=config.control_key,
             status_interval_s=config.status_interval_s, drain_timeout_s=config.drain_timeout_s,
             client_kwargs=cc.client_kwargs,
+            model_command=HotModels(
+                self.host, bootstrap_servers=cc.bootstrap_servers, names=names, partitions=config.partitions,
+                replication_factor=config.replication_factor, max_message_bytes=cc.max_message_bytes,
+                client_kwargs=cc.client_kwargs, fetch=self._fetch_model, drain=self._drain_model,
+            ),
         )
+
+    # -- models loaded, reloaded and unloaded at run time ------------------------
+
+    def _new_policy(self, name: str) -> BatchPolicy:
+        cfg = self.config
+        policy = AdaptiveBatchPolicy(cfg.latency_target_s, cfg.max_batch_size, cfg.max_wait_s, mode=cfg.batching_mode)
+        self._apply_batching_defaults(name, policy)
+        return policy
+
+    def _apply_batching_defaults(self, name: str, policy: BatchPolicy) -> None:
+        """The model's ``batching`` from its ``model.yaml`` (the path ``ctl configure`` takes, so a
+        later ``configure`` overrides it)."""
+        try:
+            params = self.repository.batching_defaults([name]).get(name) or {}
+        except Exception as exc:  # a spec edited since the model was loaded: the worker's settings stay
+            log.warning("model %s: batching defaults of its model.yaml not applied: %s", name, exc)
+            return
+        if params:
+            policy.configure(**params)
+            log.info("model %s: batching defaults from its model.yaml: %s", name, params)
+
+    def _cap_policy(self, name: str, policy: BatchPolicy) -> None:
+        cap = self.config.consumer.max_in_flight
+        policy.set_in_flight_cap(cap)
+        if cap < policy.max_batch_size:
+            log.warning("model %s: MAX_IN_FLIGHT=%d (AUTOGLM_MAX_IN_FLIGHT) is below MAX_BATCH_SIZE=%d "
+                        "(AUTOGLM_MAX_BATCH_SIZE): batches hold at most %d tasks", name, cap,
+                        policy.max_batch_size, cap)
+
+    def _model_changed(self, name: str, runner: Any) -> None:
+        """:class:`ModelHost`'s ``on_change``: set up a loaded model, or drop an unloaded one."""
+        if runner is None:
+            self._spawn(self.pipeline.remove_model(name))
+            return
+        if name in self.pipeline.policies:  # a reload: the runner is swapped, policy and queue stay
+            self.pipeline.add_model(name, runner, self.pipeline.policies[name])
+            return
+        policy = self._new_policy(name)
+        self._cap_policy(name, policy)
+        self.pipeline.add_model(name, runner, policy)
+
+    def _fetch_paused(self, tp: TopicPartition) -> bool:
+        """The consumer's fetch predicate: the control state's, plus no runner (yet): paused; a model
+        being unloaded is fetched only up to its bounds (unless a pause or a drain holds it)."""
+        model = self.names.model_of(tp.topic)
+        state = self.control_state
+        if model is not None and model in self._unloading:
+            return (not self.consumer.bounded(tp) or not state.ready or state.draining
+                    or state.paused_by_command(model))
+        return state.is_paused(model) or model not in self.pipeline.runners
+
+    def _served_topics(self) -> tuple[str, ...]:
+        return tuple(self.names.tasks(m) for m in self.pipeline.runners)
+
+    async def _fetch_model(self, model: str) -> None:
+        """After a load: subscribe to the model's task topic (a rebalance follows)."""
+        if not self._fixed_topics:
+            self.consumer.subscribe(self._served_topics())
+
+    async def _drain_model(self, model: str, poll_s: float = 0.02) -> dict[str, Any]:
+        """Before an unload: serve what was published to the model's topic when the unload arrived,
+        then stop fetching it and wait until its results are acknowledged and offsets committed.
+
+        Bounded by ``drain_timeout_s``: past it, fetching stops where it is; what was fetched is
+        still answered and committed, and the rest stays in Kafka (nothing is lost).
+        """
+        topic = self.names.tasks(model)
+        started = asyncio.get_running_loop().time()
+        deadline = started + self.config.drain_timeout_s
+        self._unloading.add(model)
+        bounds: dict[TopicPartition, int] = {}
+        try:
+            bounds = await self.consumer.fetch_until(topic)
+            self.pipeline.set_flushing(True, model)
+            while not await self.consumer.bounds_reached(topic):
+                if asyncio.get_running_loop().time() >= deadline:
+                    log.warning("model %s: unload stops fetching before the end of its topic "
+                                "(drain_timeout_s=%s); the rest stays in Kafka", model, self.config.drain_timeout_s)
+                    break
+                await asyncio.sleep(poll_s)
+        finally:
+            self._unloading.discard(model)  # from here on it counts as paused (unloaded)
+        quiet = 0
+        while quiet < 2:
+            tps = [(tp.topic, tp.partition) for tp in self.consumer.assignment() if tp.topic == topic]
+            busy = self.pipeline.model_in_flight(model, tps) or len(self.pipeline.batchers.get(model, ()))
+            quiet = quiet + 1 if not busy else 0
+            await asyncio.sleep(poll_s)
+        if self.settler is not None:
+            await self.settler.flush(timeout_s=10.0)
+        await self.consumer.commit_now()
+        self.consumer.clear_bounds(topic)
+        if not self._fixed_topics:
+            self.consumer.subscribe([t for t in self._served_topics() if t != topic])
+        figures = {"bounds": {str(tp.partition): end for tp, end in sorted(bounds.items())},
+                   "drain_ms": round((asyncio.get_running_loop().time() - started) * 1000.0, 1)}
+        log.info("model %s: drained for unload: %s", model, figures)
+        return figures
+
+    def _figures(self, window_s: float, *, reset: bool = True) -> dict[str, dict[str, Any]]:
+        """The pipeline's per-model heartbeat figures plus ``version`` (file hash and mtime, device,
+        load seconds; :meth:`ModelHost.versions`)."""
+        figures = self.pipeline.figures(window_s, reset=reset)
+        for name, version in self.host.versions().items():
+            if name in figures:
+                figures[name]["version"] = version
+        return figures
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._hot_tasks.add(task)
+        task.add_done_callback(self._hot_tasks.discard)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -290,10 +429,13 @@ class Worker(Service):
 
 def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
                      policies: Mapping[str, BatchPolicy] | None = None,
-                     metrics: BatchMetrics | None = None, *, datadir: str | None = None) -> tuple[faust.App, Worker]:
+                     metrics: BatchMetrics | None = None, *, datadir: str | None = None,
+                     repository: ModelRepository | None = None,
+                     runner_options: Mapping[str, Any] | None = None) -> tuple[faust.App, Worker]:
     """Create the faust shell of a worker serving ``runners`` (model name -> started runner).
 
     Args:
+        repository, runner_options: see :class:`Worker` (models loaded at run time).
         datadir: faust's data directory (it keeps nothing there for us, but creates it; default
             ``<id>-data`` in the working directory, as faust does).
 
@@ -303,7 +445,7 @@ def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
     options: dict[str, Any] = {"datadir": datadir} if datadir else {}
     app = WorkerApp(f"autoglm-{config.worker_id}", web_enabled=False, store="memory://",
                     value_serializer="raw", key_serializer="raw", **options)
-    worker = Worker(config, runners, policies, metrics)
+    worker = Worker(config, runners, policies, metrics, repository=repository, runner_options=runner_options)
     app.service(worker)
     return app, worker
 

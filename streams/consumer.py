@@ -25,6 +25,14 @@
   quarter of the slots are free again. Pausing at once on every brush with the
   cap dropped the fetched-ahead records each time (aiokafka discards a paused
   partition's buffer), and reading them again cost a fifth of the worker's CPU.
+- **Subscription follows the served models.** :meth:`TaskConsumer.subscribe`
+  changes the task topics at run time (``ctl load``/``unload``); a rebalance
+  follows, through the same listener.
+- **Bounded fetching** (an unload's drain): :meth:`TaskConsumer.fetch_until`
+  records the end offsets of a topic's assigned partitions; records at or past
+  a partition's bound are not delivered (its position is set back to the
+  bound), and the partition counts as having reached it from then on
+  (:meth:`TaskConsumer.bounded` turns false), so the desired state can pause it.
 - **Revocation** (aiokafka's ``ConsumerRebalanceListener``): the revoked
   partitions' queued tasks are handed back, those in the model awaited
   (bounded by the rebalance timeout), what was answered is committed, then the
@@ -164,6 +172,9 @@ class TaskConsumer:
         self._loop_task: asyncio.Task | None = None
         self._commit_task: asyncio.Task | None = None
         self._stopping = False
+        self._topics: tuple[str, ...] = tuple(config.topics)
+        self._bounds: dict[TopicPartition, int] = {}  # fetch_until: records at or past these are not delivered
+        self._reached: set[TopicPartition] = set()
         self.polls = 0
         self.assignments = 0
 
@@ -195,7 +206,7 @@ class TaskConsumer:
         except KafkaError as exc:
             await self._consumer.stop()
             raise BrokerError(f"task consumer: cannot connect to {cfg.bootstrap_servers}: {exc!r}") from exc
-        self._consumer.subscribe(list(cfg.topics), listener=_Listener(self))
+        self._subscribe()
         self._loop_task = asyncio.ensure_future(self._poll_loop())
         if cfg.commit:
             self._commit_task = asyncio.ensure_future(self._commit_loop())
@@ -215,6 +226,85 @@ class TaskConsumer:
         await self.commit_now()
         if self._consumer is not None:
             await self._consumer.stop()
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The task topics subscribed to now."""
+        return self._topics
+
+    def subscribe(self, topics: Sequence[str]) -> None:
+        """Change the task topics (a model loaded or unloaded); a rebalance follows.
+
+        Safe before :meth:`start` (the topics are kept for it). With no topic
+        left the consumer unsubscribes and its poll returns nothing.
+        """
+        topics = tuple(dict.fromkeys(topics))
+        if topics == self._topics:
+            return
+        self._topics = topics
+        if self._consumer is not None and not self._stopping:
+            self._subscribe()
+
+    def _subscribe(self) -> None:
+        assert self._consumer is not None
+        if self._topics:
+            self._consumer.subscribe(list(self._topics), listener=_Listener(self))
+        else:
+            self._consumer.unsubscribe()
+        log.info("task topics: %s", ", ".join(self._topics) or "(none)")
+
+    async def fetch_until(self, topic: str) -> dict[TopicPartition, int]:
+        """Bound the assigned partitions of ``topic`` at their end offsets as of now.
+
+        Records at or past a partition's bound are not delivered; once a
+        partition's position reaches its bound, :meth:`bounded` is false for
+        it. The bounds hold until :meth:`clear_bounds`.
+
+        Returns:
+            partition -> bound (the end offset read now; records below it are served).
+
+        Raises:
+            KafkaError: the end offsets could not be read.
+        """
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        tps = [tp for tp in consumer.assignment() if tp.topic == topic]
+        if not tps:
+            return {}
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            self._bounds[tp] = ends[tp]
+            if await consumer.position(tp) >= ends[tp]:
+                self._reached.add(tp)
+        return {tp: ends[tp] for tp in tps}
+
+    def bounded(self, tp: TopicPartition) -> bool:
+        """Whether ``tp`` has a bound (:meth:`fetch_until`) that its position has not reached yet."""
+        return tp in self._bounds and tp not in self._reached
+
+    async def bounds_reached(self, topic: str) -> bool:
+        """Whether every bounded partition of ``topic`` assigned here has reached its bound (its
+        position is at or past it; a partition assigned again after a rebalance is read from its
+        committed offset, so its position is asked again)."""
+        consumer = self._consumer
+        if consumer is None:
+            return True
+        assigned = consumer.assignment()
+        for tp, bound in list(self._bounds.items()):
+            if tp.topic != topic or tp not in assigned or tp in self._reached:
+                continue
+            if await consumer.position(tp) >= bound:
+                self._reached.add(tp)
+            else:
+                return False
+        return True
+
+    def clear_bounds(self, topic: str) -> None:
+        """Forget the bounds of ``topic``'s partitions."""
+        for tp in [tp for tp in self._bounds if tp.topic == topic]:
+            del self._bounds[tp]
+            self._reached.discard(tp)
 
     @property
     def done(self) -> asyncio.Task | None:
@@ -313,7 +403,24 @@ class TaskConsumer:
                     # takes effect at once (nothing delivered after the acknowledgement)
                     consumer.seek(tp, records[0].offset)
                     continue
+                bound = self._bounds.get(tp)
+                if bound is not None:
+                    records = self._within_bound(tp, records, bound)
+                    if not records:
+                        continue
                 sink.on_records(tp.topic, tp.partition, records)
+
+    def _within_bound(self, tp: TopicPartition, records: Sequence[Any], bound: int) -> Sequence[Any]:
+        """The records of ``tp`` below its bound; the rest go back to Kafka (``seek``)."""
+        if tp in self._reached:
+            self._consumer.seek(tp, records[0].offset)
+            return ()
+        if records[-1].offset + 1 >= bound:
+            self._reached.add(tp)
+            if records[-1].offset >= bound:
+                records = [r for r in records if r.offset < bound]
+                self._consumer.seek(tp, bound)
+        return records
 
     def _reconcile(self) -> bool:
         """Make the paused partitions what the desired state says; returns whether any is paused."""
@@ -359,6 +466,7 @@ class TaskConsumer:
         for tp in tps:
             self._positions.pop(tp, None)
             self._committed.pop(tp, None)
+            self._reached.discard(tp)  # assigned again, it is read from its committed offset up to its bound
 
     def handle_assigned(self, assigned: set[TopicPartition]) -> None:
         """Rebalance hook: new partitions; the desired pause state applies before their first fetch."""

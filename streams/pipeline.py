@@ -224,6 +224,7 @@ class TaskPipeline:
             for name in self.runners
         }
         self.windows: dict[str, WindowStats] = {name: WindowStats() for name in self.runners}
+        self._started = False
         self._background: set[asyncio.Task] = set()
         # per model: (start_s, size, asked) of the last batch, when a backlog waited behind it
         self._saturated: dict[str, tuple[float, int, int] | None] = {}
@@ -234,8 +235,44 @@ class TaskPipeline:
 
     def start(self) -> None:
         """Start the batchers on the running loop."""
+        self._started = True
         for batcher in self.batchers.values():
             batcher.start()
+
+    def add_model(self, name: str, runner: Any, policy: BatchPolicy) -> None:
+        """Serve one more model (``ctl load``): its runner, batching policy, batcher and metrics window.
+
+        A model served already gets the new runner only (a reload swaps the
+        runner; its policy, queue and window stay).
+        """
+        self.runners[name] = runner
+        if name in self.batchers:
+            return
+        self.policies[name] = policy
+        self.windows[name] = WindowStats()
+        batcher = MicroBatcher(self._batch_handler(name), policy, on_expired=self._on_expired, clock=self.clock,
+                               name=f"batcher-{name}")
+        self.batchers[name] = batcher
+        if self._started:
+            batcher.start()
+
+    async def remove_model(self, name: str) -> None:
+        """Stop serving ``name`` (after its drain, ``ctl unload``): its queued tasks, if any, are
+        served first (flush), then its batcher, policy and window are dropped."""
+        batcher = self.batchers.get(name)
+        if batcher is not None:
+            await batcher.stop(flush=True)
+        self.runners.pop(name, None)
+        self.batchers.pop(name, None)
+        self.policies.pop(name, None)
+        self.windows.pop(name, None)
+        self._saturated.pop(name, None)
+
+    def model_in_flight(self, name: str, partitions: Sequence[Hashable]) -> int:
+        """Tasks of ``name`` received on ``partitions`` and not yet acknowledged, plus those waiting
+        for their ``reply_to`` topic."""
+        waiting = sum(1 for tasks in self._awaiting_topic.values() for p in tasks if p.task.model == name)
+        return sum(self.tracker.in_flight(tp) for tp in partitions) + waiting
 
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Flush queued tasks, wait for their results to be acknowledged (up to ``timeout_s``)."""
@@ -271,10 +308,11 @@ class TaskPipeline:
             else:
                 await asyncio.sleep(poll_s)
 
-    def set_flushing(self, flushing: bool) -> None:
-        """While set (a drain or a stop), partial batches go to the model at once."""
-        for batcher in self.batchers.values():
-            batcher.set_flushing(flushing)
+    def set_flushing(self, flushing: bool, model: str | None = None) -> None:
+        """While set (a drain or a stop), partial batches go to the model at once (of ``model``, or all)."""
+        for name, batcher in self.batchers.items():
+            if model is None or name == model:
+                batcher.set_flushing(flushing)
 
     def figures(self, window_s: float, *, reset: bool = True) -> dict[str, dict[str, Any]]:
         """Per-model figures since the previous call with ``reset``, for heartbeats and status reports.
@@ -509,7 +547,7 @@ class TaskPipeline:
         return handle
 
     async def _run_batch(self, model: str, batch: list[Pending]) -> None:
-        runner = self.runners[model]
+        runner = self.runners.get(model)
         start_s = self.clock()
         previous = self._saturated.get(model)
         policy = self.policies[model]
@@ -520,6 +558,8 @@ class TaskPipeline:
             policy.observe_cycle(previous[1], start_s - previous[0], previous[2])
         self._saturated[model] = (start_s, len(batch), policy.last_target_size) if backlog else None
         try:
+            if runner is None:  # unloaded meanwhile (an unload drains first, so only a forced stop gets here)
+                raise ModelError(f"model {model!r} was unloaded from this worker")
             outcomes = await runner.run_isolated([p.prepared for p in batch], timeout_s=self.inference_timeout_s)
         except ModelError as exc:  # the runner itself is unusable (closed): every task gets the error
             log.error("model %s failed on a batch of %d: %s", model, len(batch), exc)
