@@ -83,6 +83,19 @@ async def test_the_readme_walkthrough(kafka_bootstrap, prefix, workers, tmp_path
     bad = subprocess.run([*AUTOGLM, "infer", "--model", "scorer", "--input", str(tmp_path / "x.json"),
                           "--deadline-s", "-1"], capture_output=True, text=True, timeout=120, env=env)
     assert bad.returncode == 1 and json.loads(bad.stdout)["error"]["code"] == "deadline"
+    # 7. load, reload and unload at run time (README: "Load, unload and reload at run time")
+    acks = {}
+    for command in ("load", "reload", "unload", "load"):
+        done = subprocess.run([*AUTOGLM, "ctl", command, "--model", "ranker", "--wait", "--timeout-s", "120", "--json"],
+                              capture_output=True, text=True, timeout=180, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        sent = json.loads(done.stdout)
+        assert sent["ok"] and len(sent["acks"]) == 1, sent
+        acks[command] = next(iter(sent["acks"].values()))
+    assert acks["reload"]["models"]["ranker"]["device"] == "cpu"
+    assert len(acks["reload"]["models"]["ranker"]["sha256"]) == 16
+    assert acks["unload"]["models"]["ranker"] == {"unloaded": True}
+    assert proc.poll() is None, workers.log(proc)
     # 6. kcat
     if shutil.which("kcat") is None:
         pytest.skip("kcat is not installed (apt-get install kcat); the rest of the walkthrough passed")
