@@ -30,7 +30,7 @@ from aiokafka.errors import KafkaError
 from faust.app.base import BootStrategy
 from mode import Service
 
-from autoglm.processors.errors import BrokerError
+from autoglm.processors.errors import BrokerError, ModelError
 from autoglm.processors.adaptive import AdaptiveBatchPolicy
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.control import ControlState
@@ -266,43 +266,66 @@ class Worker(Service):
         if not self._fixed_topics:
             self.consumer.subscribe(self._served_topics())
 
+    def _held(self, model: str) -> bool:
+        """Whether a pause, a drain or the start-up replay holds ``model`` (an unload then serves
+        nothing more of its topic)."""
+        state = self.control_state
+        return not state.ready or state.draining or state.paused_by_command(model)
+
     async def _drain_model(self, model: str, poll_s: float = 0.02) -> dict[str, Any]:
         """Before an unload: serve what was published to the model's topic when the unload arrived,
         then stop fetching it and wait until its results are acknowledged and offsets committed.
 
+        A model held by a pause (or a drain) serves nothing more: only its tasks in flight finish.
         Bounded by ``drain_timeout_s``: past it, fetching stops where it is; what was fetched is
         still answered and committed, and the rest stays in Kafka (nothing is lost).
+
+        Returns:
+            ``{"bounds": {partition: end offset served up to}, "drain_ms": ...}``.
+
+        Raises:
+            ModelError: tasks of the model still in flight after ``drain_timeout_s`` (the unload
+                fails; the model keeps serving).
         """
         topic = self.names.tasks(model)
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         deadline = started + self.config.drain_timeout_s
         self._unloading.add(model)
         bounds: dict[TopicPartition, int] = {}
+        self.pipeline.set_flushing(True, model)
         try:
-            bounds = await self.consumer.fetch_until(topic)
-            self.pipeline.set_flushing(True, model)
-            while not await self.consumer.bounds_reached(topic):
-                if asyncio.get_running_loop().time() >= deadline:
-                    log.warning("model %s: unload stops fetching before the end of its topic "
-                                "(drain_timeout_s=%s); the rest stays in Kafka", model, self.config.drain_timeout_s)
-                    break
+            try:
+                bounds = await self.consumer.fetch_until(topic)
+                while not self._held(model) and not await self.consumer.bounds_reached(topic):
+                    if loop.time() >= deadline:
+                        log.warning("model %s: unload stops fetching before the end of its topic "
+                                    "(drain_timeout_s=%s); the rest stays in Kafka", model,
+                                    self.config.drain_timeout_s)
+                        break
+                    await asyncio.sleep(poll_s)
+            finally:
+                self._unloading.discard(model)  # from here on it counts as paused (unloaded)
+            quiet = 0
+            while quiet < 2:
+                tps = [(tp.topic, tp.partition) for tp in self.consumer.assignment() if tp.topic == topic]
+                busy = self.pipeline.model_in_flight(model, tps) + len(self.pipeline.batchers.get(model, ()))
+                if busy and loop.time() >= deadline + self.config.stop_timeout_s:
+                    raise ModelError(f"unload of model {model!r}: {busy} tasks still in flight after "
+                                     f"drain_timeout_s={self.config.drain_timeout_s} (+ stop_timeout_s); "
+                                     "it keeps serving")
+                quiet = quiet + 1 if not busy else 0
                 await asyncio.sleep(poll_s)
+            if self.settler is not None:
+                await self.settler.flush(timeout_s=10.0)
+            await self.consumer.commit_now()
         finally:
-            self._unloading.discard(model)  # from here on it counts as paused (unloaded)
-        quiet = 0
-        while quiet < 2:
-            tps = [(tp.topic, tp.partition) for tp in self.consumer.assignment() if tp.topic == topic]
-            busy = self.pipeline.model_in_flight(model, tps) or len(self.pipeline.batchers.get(model, ()))
-            quiet = quiet + 1 if not busy else 0
-            await asyncio.sleep(poll_s)
-        if self.settler is not None:
-            await self.settler.flush(timeout_s=10.0)
-        await self.consumer.commit_now()
-        self.consumer.clear_bounds(topic)
+            self.pipeline.set_flushing(False, model)
+            self.consumer.clear_bounds(topic)
         if not self._fixed_topics:
             self.consumer.subscribe([t for t in self._served_topics() if t != topic])
         figures = {"bounds": {str(tp.partition): end for tp, end in sorted(bounds.items())},
-                   "drain_ms": round((asyncio.get_running_loop().time() - started) * 1000.0, 1)}
+                   "drain_ms": round((loop.time() - started) * 1000.0, 1)}
         log.info("model %s: drained for unload: %s", model, figures)
         return figures
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiokafka import TopicPartition
@@ -86,6 +87,12 @@ class FakeKafka:
     def seek(self, tp, offset):
         self.seeks.append((tp, offset))
         self.positions[tp] = offset
+
+    async def commit(self, offsets):
+        self.committed = dict(offsets)
+
+    def subscribe(self, topics, listener=None):
+        self.subscribed = list(topics)
 
 
 def bounded_consumer(kafka: FakeKafka) -> TaskConsumer:
@@ -173,3 +180,29 @@ def test_the_fetch_predicate_pauses_models_without_a_runner_and_bounds_an_unload
     assert not worker._fetch_paused(tiny)
     worker.control_state.apply(event("pause", "tiny", 3))
     assert worker._fetch_paused(tiny)  # a pause holds even a drain
+
+
+async def test_an_unload_drain_serves_up_to_the_bound_then_unsubscribes_and_a_paused_model_stops_at_once():
+    config = WorkerConfig(ConsumerConfig(["k:9092"], "g", (), max_in_flight=64), prefix="p", drain_timeout_s=30.0)
+    worker = Worker(config, {"toy": FakeRunner(), "keep": FakeRunner()})
+    toy, keep = TopicPartition("p.tasks.toy", 0), TopicPartition("p.tasks.keep", 0)
+    kafka = FakeKafka([toy, keep], {toy: 7, keep: 3}, {toy: 2, keep: 0})
+    worker.consumer._consumer = kafka  # a stand-in for the aiokafka consumer it owns
+    worker.control_state.ready = True
+    worker.control_state.apply(event("unload", "toy", 1))
+
+    drain = asyncio.ensure_future(worker._drain_model("toy", poll_s=0.001))
+    await asyncio.sleep(0.05)
+    assert not drain.done() and not worker._fetch_paused(toy)  # still serving up to offset 7
+    assert worker._fetch_paused(TopicPartition("p.tasks.toy", 1))  # a partition without a bound: not fetched
+    kafka.positions[toy] = 7  # the poll loop reached the bound
+    figures = await asyncio.wait_for(drain, 5.0)
+    assert figures["bounds"] == {"0": 7}
+    assert kafka.subscribed == ["p.tasks.keep"]  # the unloaded model's topic is left
+    assert worker._fetch_paused(toy) and not worker._fetch_paused(keep)
+
+    # a paused model: its unload serves nothing more of its topic, it does not wait for the bound
+    worker.control_state.apply(event("pause", "keep", 2))
+    worker.control_state.apply(event("unload", "keep", 3))
+    figures = await asyncio.wait_for(worker._drain_model("keep", poll_s=0.001), 5.0)
+    assert figures["bounds"] == {"0": 3} and kafka.positions[keep] == 0
