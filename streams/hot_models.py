@@ -9,8 +9,9 @@ two callables, so that it knows nothing of the consumer it serves:
 
 - ``fetch(model)``: start fetching ``model``'s task topic (subscribe, set up
   its batching policy; the runner is already in ``host.runners``);
-- ``drain(model)``: stop fetching ``model`` and wait until each of its tasks in
-  flight has its result published and its offset committed.
+- ``drain(model)``: serve what ``model``'s topic held when the unload arrived
+  (the worker's bounded fetching), stop fetching it, and wait until each of its
+  tasks in flight has its result published and its offset committed.
 
 The returned figures (the model's version: file hash and mtime, device, load
 seconds) go into the acknowledgement.
