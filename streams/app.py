@@ -30,8 +30,7 @@ from aiokafka.errors import KafkaError
 from faust.app.base import BootStrategy
 from mode import Service
 
-from autoglm.processors.errors import BrokerError, ModelError
-from autoglm.processors.adaptive import AdaptiveBatchPolicy
+from autoglm.processors.errors import BrokerError
 from autoglm.processors.batching import BatchPolicy
 from autoglm.processors.control import ControlState
 from autoglm.processors.metrics import BatchMetrics, MetricsGroup, TaskTotals
@@ -41,6 +40,7 @@ from autoglm.streams.consumer import ConsumerConfig, TaskConsumer  # noqa: F401 
 from autoglm.streams.control import ControlPlane
 from autoglm.streams.hot_models import HotModels
 from autoglm.streams.pipeline import TaskPipeline
+from autoglm.streams.served_models import ServedModels
 from autoglm.streams.producer import BatchProducer
 from autoglm.streams.topics import TopicCache, TopicNames
 from autoglm.streams.transactions import TransactionalSettler
@@ -134,7 +134,8 @@ class Worker(Service):
     :class:`~autoglm.models.host.ModelHost` changes :attr:`TaskPipeline.runners` in place;
     a load adds the model's policy, batcher and window and subscribes to its task topic; an
     unload first serves the tasks already published to that topic when it arrived (bounded
-    fetching, :meth:`TaskConsumer.fetch_until`), commits, then drops them and unsubscribes.
+    fetching, :meth:`TaskConsumer.fetch_until`), commits, then drops them and unsubscribes
+    (:class:`~autoglm.streams.served_models.ServedModels`).
     """
 
     def __init__(self, config: WorkerConfig, runners: Mapping[str, Any],
@@ -149,15 +150,9 @@ class Worker(Service):
         metrics = self.metrics
         self.names = names = TopicNames(config.prefix)
         cc = config.consumer
-        self.repository = repository if repository is not None else ModelRepository(None)
-        if policies is None:
-            policies = {name: self._new_policy(name) for name in runners}
-        else:
-            for name, policy in policies.items():
-                self._apply_batching_defaults(name, policy)
-        for name, policy in policies.items():
-            self._cap_policy(name, policy)
-        self._hot_tasks: set[asyncio.Task] = set()
+        #: the models at run time: policies, the fetch predicate, a load's fetch and an unload's drain
+        self.models = ServedModels(config, names, repository)
+        policies = self.models.initial_policies(runners, policies)
         self._producer: AIOKafkaProducer | None = None
         self._batches: BatchProducer | None = None
         self.topics = TopicCache(cc.bootstrap_servers, client_kwargs=cc.client_kwargs)
@@ -177,16 +172,13 @@ class Worker(Service):
             transact=self.settler,
         )
         self.control_state = ControlState(config.worker_id, list(runners))
-        self._fixed_topics = bool(cc.topics)
         topics = cc.topics or tuple(names.tasks(m) for m in runners)
-        #: models being unloaded: served up to the bounds taken when the unload arrived
-        self._unloading: set[str] = set()
-        self.host = ModelHost(self.repository, self.pipeline.runners, on_change=self._model_changed,
+        self.host = ModelHost(self.models.repository, self.pipeline.runners, on_change=self.models.changed,
                               **dict(runner_options or {}))
         self.consumer = TaskConsumer(
             dataclasses.replace(cc, topics=topics, commit=self.settler is None),
             self.pipeline,
-            is_paused=self._fetch_paused,
+            is_paused=self.models.fetch_paused,
             before_revoke=self._before_revoke,
             after_revoke=self._after_revoke,
             on_assigned=self.pipeline.assigned,
@@ -195,7 +187,7 @@ class Worker(Service):
         self.control = ControlPlane(
             bootstrap_servers=cc.bootstrap_servers, names=names, state=self.control_state,
             produce=self._send_status, configure=lambda model, params: self.pipeline.configure(model, **params),
-            drain=self.drain, figures=self._figures, lag=self.lag_per_model,
+            drain=self.drain, figures=self.models.figures, lag=self.lag_per_model,
             in_flight=lambda: self.pipeline.in_flight, max_in_flight=cc.max_in_flight,
             counters=lambda: dataclasses.asdict(self.pipeline.counters), totals=self.totals.snapshot,
             metrics=self.metrics, key=config.control_key,
@@ -204,144 +196,11 @@ class Worker(Service):
             model_command=HotModels(
                 self.host, bootstrap_servers=cc.bootstrap_servers, names=names, partitions=config.partitions,
                 replication_factor=config.replication_factor, max_message_bytes=cc.max_message_bytes,
-                client_kwargs=cc.client_kwargs, fetch=self._fetch_model, drain=self._drain_model,
+                client_kwargs=cc.client_kwargs, fetch=self.models.fetch, drain=self.models.drain,
             ),
         )
-
-    # -- models loaded, reloaded and unloaded at run time ------------------------
-
-    def _new_policy(self, name: str) -> BatchPolicy:
-        cfg = self.config
-        policy = AdaptiveBatchPolicy(cfg.latency_target_s, cfg.max_batch_size, cfg.max_wait_s, mode=cfg.batching_mode)
-        self._apply_batching_defaults(name, policy)
-        return policy
-
-    def _apply_batching_defaults(self, name: str, policy: BatchPolicy) -> None:
-        """The model's ``batching`` from its ``model.yaml`` (the path ``ctl configure`` takes, so a
-        later ``configure`` overrides it)."""
-        try:
-            params = self.repository.batching_defaults([name]).get(name) or {}
-        except Exception as exc:  # a spec edited since the model was loaded: the worker's settings stay
-            log.warning("model %s: batching defaults of its model.yaml not applied: %s", name, exc)
-            return
-        if params:
-            policy.configure(**params)
-            log.info("model %s: batching defaults from its model.yaml: %s", name, params)
-
-    def _cap_policy(self, name: str, policy: BatchPolicy) -> None:
-        cap = self.config.consumer.max_in_flight
-        policy.set_in_flight_cap(cap)
-        if cap < policy.max_batch_size:
-            log.warning("model %s: MAX_IN_FLIGHT=%d (AUTOGLM_MAX_IN_FLIGHT) is below MAX_BATCH_SIZE=%d "
-                        "(AUTOGLM_MAX_BATCH_SIZE): batches hold at most %d tasks", name, cap,
-                        policy.max_batch_size, cap)
-
-    def _model_changed(self, name: str, runner: Any) -> None:
-        """:class:`ModelHost`'s ``on_change``: set up a loaded model, or drop an unloaded one."""
-        if runner is None:
-            self._spawn(self.pipeline.remove_model(name))
-            return
-        if name in self.pipeline.policies:  # a reload: the runner is swapped, policy and queue stay
-            self.pipeline.add_model(name, runner, self.pipeline.policies[name])
-            return
-        policy = self._new_policy(name)
-        self._cap_policy(name, policy)
-        self.pipeline.add_model(name, runner, policy)
-
-    def _fetch_paused(self, tp: TopicPartition) -> bool:
-        """The consumer's fetch predicate: the control state's, plus no runner (yet): paused; a model
-        being unloaded is fetched only up to its bounds (unless a pause or a drain holds it)."""
-        model = self.names.model_of(tp.topic)
-        state = self.control_state
-        if model is not None and model in self._unloading:
-            return (not self.consumer.bounded(tp) or not state.ready or state.draining
-                    or state.paused_by_command(model))
-        return state.is_paused(model) or model not in self.pipeline.runners
-
-    def _served_topics(self) -> tuple[str, ...]:
-        return tuple(self.names.tasks(m) for m in self.pipeline.runners)
-
-    async def _fetch_model(self, model: str) -> None:
-        """After a load: subscribe to the model's task topic (a rebalance follows)."""
-        if not self._fixed_topics:
-            self.consumer.subscribe(self._served_topics())
-
-    def _held(self, model: str) -> bool:
-        """Whether a pause, a drain or the start-up replay holds ``model`` (an unload then serves
-        nothing more of its topic)."""
-        state = self.control_state
-        return not state.ready or state.draining or state.paused_by_command(model)
-
-    async def _drain_model(self, model: str, poll_s: float = 0.02) -> dict[str, Any]:
-        """Before an unload: serve what was published to the model's topic when the unload arrived,
-        then stop fetching it and wait until its results are acknowledged and offsets committed.
-
-        A model held by a pause (or a drain) serves nothing more: only its tasks in flight finish.
-        Bounded by ``drain_timeout_s``: past it, fetching stops where it is; what was fetched is
-        still answered and committed, and the rest stays in Kafka (nothing is lost).
-
-        Returns:
-            ``{"bounds": {partition: end offset served up to}, "drain_ms": ...}``.
-
-        Raises:
-            ModelError: tasks of the model still in flight after ``drain_timeout_s`` (the unload
-                fails; the model keeps serving).
-        """
-        topic = self.names.tasks(model)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + self.config.drain_timeout_s
-        self._unloading.add(model)
-        bounds: dict[TopicPartition, int] = {}
-        self.pipeline.set_flushing(True, model)
-        try:
-            try:
-                bounds = await self.consumer.fetch_until(topic)
-                while not self._held(model) and not await self.consumer.bounds_reached(topic):
-                    if loop.time() >= deadline:
-                        log.warning("model %s: unload stops fetching before the end of its topic "
-                                    "(drain_timeout_s=%s); the rest stays in Kafka", model,
-                                    self.config.drain_timeout_s)
-                        break
-                    await asyncio.sleep(poll_s)
-            finally:
-                self._unloading.discard(model)  # from here on it counts as paused (unloaded)
-            quiet = 0
-            while quiet < 2:
-                tps = [(tp.topic, tp.partition) for tp in self.consumer.assignment() if tp.topic == topic]
-                busy = self.pipeline.model_in_flight(model, tps) + len(self.pipeline.batchers.get(model, ()))
-                if busy and loop.time() >= deadline + self.config.stop_timeout_s:
-                    raise ModelError(f"unload of model {model!r}: {busy} tasks still in flight after "
-                                     f"drain_timeout_s={self.config.drain_timeout_s} (+ stop_timeout_s); "
-                                     "it keeps serving")
-                quiet = quiet + 1 if not busy else 0
-                await asyncio.sleep(poll_s)
-            if self.settler is not None:
-                await self.settler.flush(timeout_s=10.0)
-            await self.consumer.commit_now()
-        finally:
-            self.pipeline.set_flushing(False, model)
-            self.consumer.clear_bounds(topic)
-        if not self._fixed_topics:
-            self.consumer.subscribe([t for t in self._served_topics() if t != topic])
-        figures = {"bounds": {str(tp.partition): end for tp, end in sorted(bounds.items())},
-                   "drain_ms": round((loop.time() - started) * 1000.0, 1)}
-        log.info("model %s: drained for unload: %s", model, figures)
-        return figures
-
-    def _figures(self, window_s: float, *, reset: bool = True) -> dict[str, dict[str, Any]]:
-        """The pipeline's per-model heartbeat figures plus ``version`` (file hash and mtime, device,
-        load seconds; :meth:`ModelHost.versions`)."""
-        figures = self.pipeline.figures(window_s, reset=reset)
-        for name, version in self.host.versions().items():
-            if name in figures:
-                figures[name]["version"] = version
-        return figures
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._hot_tasks.add(task)
-        task.add_done_callback(self._hot_tasks.discard)
+        self.models.attach(pipeline=self.pipeline, state=self.control_state, consumer=self.consumer,
+                           host=self.host, settler=self.settler)
 
     # -- lifecycle ------------------------------------------------------------
 

@@ -3,7 +3,7 @@
 - the pipeline serves a model added at run time and forgets one removed;
 - the consumer's bounded fetching (an unload's drain) delivers records below a
   partition's bound only and hands the rest back;
-- the worker's fetch predicate: a model without a runner is paused, a model
+- the fetch predicate (streams/served_models.py): a model without a runner is paused, a model
   being unloaded is fetched only while it has a bound to reach; a loaded model
   gets a policy with its ``model.yaml`` batching defaults.
 """
@@ -150,17 +150,17 @@ def test_the_fetch_predicate_pauses_models_without_a_runner_and_bounds_an_unload
     worker = Worker(config, {"toy": FakeRunner()}, repository=ModelRepository(tmp_path))
     toy, tiny = TopicPartition("p.tasks.toy", 0), TopicPartition("p.tasks.tiny", 0)
     assert worker.pipeline.policies["toy"].max_batch_size == 32  # no model.yaml: the worker's setting
-    assert worker._fetch_paused(toy)  # the control topic is not replayed yet
+    assert worker.models.fetch_paused(toy)  # the control topic is not replayed yet
     worker.control_state.ready = True
-    assert not worker._fetch_paused(toy)
+    assert not worker.models.fetch_paused(toy)
 
     decision = worker.control_state.apply(event("load", "tiny", 1))
     assert decision.load == ("tiny",)
-    assert worker._fetch_paused(tiny)  # loaded by command, no runner yet: nothing fetched
+    assert worker.models.fetch_paused(tiny)  # loaded by command, no runner yet: nothing fetched
     runner = FakeRunner()
     worker.host.runners["tiny"] = runner  # what ModelHost does, then calls on_change
-    worker._model_changed("tiny", runner)
-    assert not worker._fetch_paused(tiny)
+    worker.models.changed("tiny", runner)
+    assert not worker.models.fetch_paused(tiny)
     policy = worker.pipeline.policies["tiny"]
     assert (policy.max_batch_size, policy.max_wait_s) == (4, 0.01)  # from tiny's model.yaml
     assert policy.batch_ceiling == 4
@@ -169,17 +169,17 @@ def test_the_fetch_predicate_pauses_models_without_a_runner_and_bounds_an_unload
     batcher = worker.pipeline.batchers["tiny"]
     swapped = FakeRunner()
     worker.host.runners["tiny"] = swapped
-    worker._model_changed("tiny", swapped)
+    worker.models.changed("tiny", swapped)
     assert worker.pipeline.policies["tiny"] is policy and worker.pipeline.batchers["tiny"] is batcher
 
     worker.control_state.apply(event("unload", "tiny", 2))
-    assert worker._fetch_paused(tiny)  # unloaded: paused
-    worker._unloading.add("tiny")  # its drain: fetched only while a bound is left to reach
-    assert worker._fetch_paused(tiny)  # no bound on this partition
+    assert worker.models.fetch_paused(tiny)  # unloaded: paused
+    worker.models.unloading.add("tiny")  # its drain: fetched only while a bound is left to reach
+    assert worker.models.fetch_paused(tiny)  # no bound on this partition
     worker.consumer._bounds[tiny] = 5
-    assert not worker._fetch_paused(tiny)
+    assert not worker.models.fetch_paused(tiny)
     worker.control_state.apply(event("pause", "tiny", 3))
-    assert worker._fetch_paused(tiny)  # a pause holds even a drain
+    assert worker.models.fetch_paused(tiny)  # a pause holds even a drain
 
 
 async def test_an_unload_drain_serves_up_to_the_bound_then_unsubscribes_and_a_paused_model_stops_at_once():
@@ -191,18 +191,18 @@ async def test_an_unload_drain_serves_up_to_the_bound_then_unsubscribes_and_a_pa
     worker.control_state.ready = True
     worker.control_state.apply(event("unload", "toy", 1))
 
-    drain = asyncio.ensure_future(worker._drain_model("toy", poll_s=0.001))
+    drain = asyncio.ensure_future(worker.models.drain("toy", poll_s=0.001))
     await asyncio.sleep(0.05)
-    assert not drain.done() and not worker._fetch_paused(toy)  # still serving up to offset 7
-    assert worker._fetch_paused(TopicPartition("p.tasks.toy", 1))  # a partition without a bound: not fetched
+    assert not drain.done() and not worker.models.fetch_paused(toy)  # still serving up to offset 7
+    assert worker.models.fetch_paused(TopicPartition("p.tasks.toy", 1))  # a partition without a bound: not fetched
     kafka.positions[toy] = 7  # the poll loop reached the bound
     figures = await asyncio.wait_for(drain, 5.0)
     assert figures["bounds"] == {"0": 7}
     assert kafka.subscribed == ["p.tasks.keep"]  # the unloaded model's topic is left
-    assert worker._fetch_paused(toy) and not worker._fetch_paused(keep)
+    assert worker.models.fetch_paused(toy) and not worker.models.fetch_paused(keep)
 
     # a paused model: its unload serves nothing more of its topic, it does not wait for the bound
     worker.control_state.apply(event("pause", "keep", 2))
     worker.control_state.apply(event("unload", "keep", 3))
-    figures = await asyncio.wait_for(worker._drain_model("keep", poll_s=0.001), 5.0)
+    figures = await asyncio.wait_for(worker.models.drain("keep", poll_s=0.001), 5.0)
     assert figures["bounds"] == {"0": 3} and kafka.positions[keep] == 0
