@@ -8,7 +8,8 @@
   (a later load serves exactly the rest, no task twice);
 - a reload with a broken file is acknowledged with the error, the old version
   keeps serving and the heartbeats show the old version; a reload with a good
-  new file swaps it in (new hash, new outputs).
+  new file swaps it in (new hash, new outputs) while tasks flow, every one of
+  them answered ``ok`` by the old or the new version.
 """
 
 from __future__ import annotations
@@ -212,9 +213,39 @@ async def test_a_broken_reload_keeps_the_old_version_serving_and_a_good_one_swap
         new = write_scaled_tiny(repo, 3.0)
         new_sha = sha_of(repo, "tiny")
         assert new_sha != old_sha
+        # tasks flow during the swap: every one is answered ok, by the old or the new version
+        flowing: list[Task] = []
+        stop = asyncio.Event()
+
+        async def flow() -> None:
+            producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", linger_ms=0)
+            await producer.start()
+            try:
+                while not stop.is_set():
+                    t = tasks_for("tiny", 1, f"f{len(flowing)}-", seed=len(flowing))[0]
+                    await producer.send_and_wait(f"{prefix}.tasks.tiny", encode_task(t), key=t.id.encode())
+                    flowing.append(t)
+                    await asyncio.sleep(0.01)
+            finally:
+                await producer.stop()
+
+        flow_task = asyncio.ensure_future(flow())
+        await asyncio.sleep(1.0)
         outcome = await client.command("reload", model="tiny", timeout_s=90)
+        await asyncio.sleep(1.0)
+        stop.set()
+        await flow_task
         assert outcome.ok and set(outcome.acks) == {"w0", "w1"}, outcome
         assert {a["models"]["tiny"]["sha256"] for a in outcome.acks.values()} == {new_sha}
+        results, _ = await results_for(kafka_bootstrap, prefix, {t.id for t in flowing}, 60, is_alive)
+        versions = {"old": 0, "new": 0}
+        for t in flowing:
+            r = results[t.id]
+            assert r.status == "ok", r.error
+            which = "new" if np.abs(r.outputs - offline(new, t.inputs)).max() <= 1e-5 else "old"
+            assert which == "new" or np.abs(r.outputs - offline(old, t.inputs)).max() <= 1e-5
+            versions[which] += 1
+        assert versions["old"] > 0 and versions["new"] > 0, versions
         tasks = tasks_for("tiny", 40, "c", seed=1)
         await publish(kafka_bootstrap, prefix, tasks)
         results, _ = await results_for(kafka_bootstrap, prefix, {t.id for t in tasks}, 60, is_alive)
