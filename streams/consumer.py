@@ -232,18 +232,40 @@ class TaskConsumer:
         """The task topics subscribed to now."""
         return self._topics
 
-    def subscribe(self, topics: Sequence[str]) -> None:
+    def subscribe(self, topics: Sequence[str]) -> bool:
         """Change the task topics (a model loaded or unloaded); a rebalance follows.
 
         Safe before :meth:`start` (the topics are kept for it). With no topic
         left the consumer unsubscribes and its poll returns nothing.
+
+        Returns:
+            Whether the subscription changed.
         """
         topics = tuple(dict.fromkeys(topics))
         if topics == self._topics:
-            return
+            return False
         self._topics = topics
         if self._consumer is not None and not self._stopping:
             self._subscribe()
+        return True
+
+    async def subscribe_and_join(self, topics: Sequence[str], timeout_s: float, poll_s: float = 0.02) -> bool:
+        """:meth:`subscribe`, then wait until the group has assigned partitions under the new
+        subscription (a rebalance completed after it), at most ``timeout_s`` seconds.
+
+        Returns:
+            True once assigned (or when nothing had to change, or the consumer is not started);
+            False after the timeout.
+        """
+        before = self.assignments
+        if not self.subscribe(topics) or self._consumer is None or self._stopping:
+            return True
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.assignments == before:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
 
     def _subscribe(self) -> None:
         assert self._consumer is not None

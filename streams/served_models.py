@@ -13,7 +13,9 @@ driven by :class:`~autoglm.streams.hot_models.HotModels` from the control plane)
 - **changes** (``on_change`` of the host): a loaded model gets its policy,
   batcher and metrics window; a reload swaps the runner only; an unloaded
   model's are dropped;
-- **fetch** after a load: subscribe to its task topic (a rebalance follows);
+- **fetch** after a load: subscribe to its task topic and wait for the
+  rebalance that follows (so once every worker acknowledged, the group's
+  assignment includes every worker's subscription);
 - **drain** before an unload: serve what the model's topic held when the unload
   arrived (the end offsets of this worker's partitions then), wait for those
   results and commit, then unsubscribe;
@@ -153,9 +155,14 @@ class ServedModels:
         return [self.names.tasks(m) for m in self.pipeline.runners]
 
     async def fetch(self, model: str) -> None:
-        """After a load: subscribe to the model's task topic (a rebalance follows)."""
-        if not self._fixed_topics:
-            self.consumer.subscribe(self._served_topics())
+        """After a load: subscribe to the model's task topic and wait for the rebalance that follows
+        (at most ``rebalance_timeout_s``), so that the acknowledgement means "in the group for it"."""
+        if self._fixed_topics:
+            return
+        timeout_s = self.config.consumer.rebalance_timeout_s
+        if not await self.consumer.subscribe_and_join(self._served_topics(), timeout_s):
+            log.warning("model %s: no rebalance within %.0f s of subscribing to its topic; acknowledging anyway",
+                        model, timeout_s)
 
     async def drain(self, model: str, poll_s: float = 0.02) -> dict[str, Any]:
         """Before an unload: serve what was published to the model's topic when the unload arrived,

@@ -133,8 +133,9 @@ async def test_fetch_until_delivers_records_below_the_bound_and_hands_back_the_r
 
 def test_subscribe_before_start_keeps_the_topics():
     consumer = TaskConsumer(ConsumerConfig(["k:9092"], "g", ("p.tasks.a",), max_in_flight=10), sink=None)
-    consumer.subscribe(["p.tasks.a", "p.tasks.b", "p.tasks.a"])
+    assert consumer.subscribe(["p.tasks.a", "p.tasks.b", "p.tasks.a"]) is True
     assert consumer.topics == ("p.tasks.a", "p.tasks.b")
+    assert consumer.subscribe(["p.tasks.a", "p.tasks.b"]) is False  # unchanged: no rebalance to wait for
 
 
 # -- the worker ------------------------------------------------------------------------------
