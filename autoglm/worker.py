@@ -19,6 +19,7 @@ from autoglm.streams.topics import TopicNames, ensure_topics
 
 if TYPE_CHECKING:
     from autoglm.streams.app import WorkerConfig
+    from autoglm.streams.tracing import BatchTracing
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,16 @@ def worker_metrics(settings: Settings) -> BatchMetrics | None:
     return prom
 
 
+def worker_tracing(settings: Settings) -> "BatchTracing":
+    """OpenTelemetry spans per batch exported with OTLP when ``AUTOGLM_OTEL=1``, else off."""
+    from autoglm.streams.tracing import BatchTracing, setup_otlp
+
+    if not settings.otel:
+        return BatchTracing()
+    log.info("tracing batches with OpenTelemetry (OTLP exporter; OTEL_EXPORTER_OTLP_ENDPOINT)")
+    return setup_otlp("autoglm-worker", settings.worker_id)
+
+
 def faust_datadir(settings: Settings) -> str:
     """faust's data directory: under the cache dir, never the working directory."""
     root = Path(os.environ.get("AUTOGLM_CACHE_DIR") or Path.home() / ".cache" / "autoglm")
@@ -168,7 +179,7 @@ def run_worker(settings: Settings) -> int:
             log.error("%s", exc)
             return 2
         app, _worker = build_worker_app(worker_config(live), runners, metrics=worker_metrics(live),
-                                        datadir=faust_datadir(live))
+                                        datadir=faust_datadir(live), tracing=worker_tracing(live))
         log.info(
             "worker %s serving %s from %s (group %s)",
             live.worker_id, ", ".join(live.models), live.bootstrap_servers, live.consumer_group,

@@ -40,6 +40,7 @@ from autoglm.streams.control import ControlPlane
 from autoglm.streams.pipeline import TaskPipeline
 from autoglm.streams.producer import BatchProducer
 from autoglm.streams.topics import TopicCache, TopicNames
+from autoglm.streams.tracing import BatchTracing
 from autoglm.streams.transactions import TransactionalSettler
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,12 @@ class Worker(Service):
         policies: model name -> batching policy (default: one :class:`AdaptiveBatchPolicy`
             per model from ``config``).
         metrics: batching metrics (default: none).
+        tracing: OpenTelemetry spans per batch (default: off).
     """
 
     def __init__(self, config: WorkerConfig, runners: Mapping[str, Any],
                  policies: Mapping[str, BatchPolicy] | None = None, metrics: BatchMetrics | None = None,
-                 **kwargs: Any):
+                 tracing: BatchTracing | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.config = config
         #: results per model and status since start (heartbeat totals), beside the given metrics
@@ -157,7 +159,7 @@ class Worker(Service):
             on_fatal=self._fatal, metrics=metrics, topics=self.topics,
             delivery_timeout_s=config.delivery_timeout_s, inference_timeout_s=config.inference_timeout_s,
             max_task_bytes=config.max_task_bytes, max_result_bytes=config.max_result_bytes,
-            transact=self.settler,
+            transact=self.settler, tracing=tracing, group_id=cc.group_id,
         )
         self.control_state = ControlState(config.worker_id, list(runners))
         topics = cc.topics or tuple(names.tasks(m) for m in runners)
@@ -290,7 +292,8 @@ class Worker(Service):
 
 def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
                      policies: Mapping[str, BatchPolicy] | None = None,
-                     metrics: BatchMetrics | None = None, *, datadir: str | None = None) -> tuple[faust.App, Worker]:
+                     metrics: BatchMetrics | None = None, *, datadir: str | None = None,
+                     tracing: BatchTracing | None = None) -> tuple[faust.App, Worker]:
     """Create the faust shell of a worker serving ``runners`` (model name -> started runner).
 
     Args:
@@ -303,7 +306,7 @@ def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
     options: dict[str, Any] = {"datadir": datadir} if datadir else {}
     app = WorkerApp(f"autoglm-{config.worker_id}", web_enabled=False, store="memory://",
                     value_serializer="raw", key_serializer="raw", **options)
-    worker = Worker(config, runners, policies, metrics)
+    worker = Worker(config, runners, policies, metrics, tracing)
     app.service(worker)
     return app, worker
 
