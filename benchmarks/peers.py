@@ -139,10 +139,14 @@ def stop_on_signals(loop: asyncio.AbstractEventLoop) -> asyncio.Event:
 
 
 async def naive(bootstrap: str, tasks_topic: str, results_topic: str, group: str, model) -> None:
-    """Per message: forward of one task in a thread, ``send_and_wait``, ``commit``."""
+    """``async for`` per message: forward of one task in a thread, ``send_and_wait``, ``commit``.
+
+    SIGTERM cancels the loop: every served task is already committed."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-    stop = stop_on_signals(asyncio.get_running_loop())
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main.cancel)
     consumer = AIOKafkaConsumer(tasks_topic, bootstrap_servers=bootstrap, group_id=group,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
@@ -150,26 +154,15 @@ async def naive(bootstrap: str, tasks_topic: str, results_topic: str, group: str
     await consumer.start()
     await producer.start()
     try:
-        async for msg in _until(consumer, stop):
+        async for msg in consumer:
             for key, value in await serve_batch(model, pool, [(msg.value, msg.key)], "naive"):
                 await producer.send_and_wait(results_topic, value, key=key or None)
             await consumer.commit({TopicPartition(msg.topic, msg.partition): msg.offset + 1})
+    except asyncio.CancelledError:
+        pass
     finally:
         await consumer.stop()
         await producer.stop()
-
-
-async def _until(consumer, stop: asyncio.Event):
-    """``async for msg in consumer`` that ends when ``stop`` is set."""
-    while not stop.is_set():
-        getter = asyncio.ensure_future(consumer.getone())
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            stopper.cancel()
-            yield getter.result()
-        else:
-            getter.cancel()
 
 
 async def lean(bootstrap: str, tasks_topic: str, results_topic: str, group: str, model) -> None:

@@ -211,7 +211,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
             lo = [m - v[key]["min"] if v[key] else 0 for m, (_, v) in zip(med, cells)]
             hi = [v[key]["max"] - m if v[key] else 0 for m, (_, v) in zip(med, cells)]
             colors = ["C3" if n.startswith("worker") else "C0" for n in names]
-            ax.bar(range(len(cells)), med, yerr=[lo, hi], color=colors, capsize=3)
+            bars = ax.bar(range(len(cells)), med, yerr=[lo, hi], color=colors, capsize=3)
+            ax.bar_label(bars, labels=["" if np.isnan(m) else f"{m:,.0f}" for m in med], fontsize=7,
+                         label_type="center", color="white")
             lim = s["limits"].get(model, {}).get(limit_key)
             if lim:
                 ax.axhline(lim["median"], color="grey", linestyle="--", label="the model alone (L, best batch)")
@@ -220,7 +222,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ax.set_yscale("log")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3, axis="y")
-        axes[0][col].set_title(f"{model}: backlog drain through Kafka")
+        axes[0][col].set_title(f"{model}: backlog drains (median, min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
