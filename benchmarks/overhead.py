@@ -25,7 +25,8 @@ to the baseline of its group (the direct call; the plain codec).
 Adding a candidate is one line in :data:`RUNNERS` or :data:`CODEC`: a name, a
 ``"module:attribute"`` target (imported lazily; a candidate whose target does
 not exist in this checkout is skipped and listed as such) and a function of
-it. Output: ``benchmarks/results/<stamp>-overhead.json``; ``--update-readme``
+it; one whose call fails (an API that changed) is skipped with the error. Output:
+``benchmarks/results/<stamp>-overhead.json``; ``--update-readme``
 rewrites the item-3 section of ``benchmarks/README.md``.
 """
 
@@ -207,11 +208,14 @@ def measure(candidates: list[Candidate], ctx: Context, repeats: int, min_s: floa
         target = resolve(c.target)
         if target is None:
             skipped.append(c.name)
-        else:
+            continue
+        try:
             calls[c.name] = c.make(target, ctx)
+            ctx.loop.run_until_complete(_time(calls[c.name], 0.0))  # warm-up; an API that changed fails here
+        except Exception as exc:  # noqa: BLE001 - one candidate's API drift must not end the run
+            calls.pop(c.name, None)
+            skipped.append(f"{c.name} ({type(exc).__name__}: {exc})")
     per: dict[str, list[float]] = {name: [] for name in calls}
-    for name, call in calls.items():  # warm-up
-        ctx.loop.run_until_complete(_time(call, 0.0))
     for r in range(repeats):
         names = list(calls)
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -264,7 +268,7 @@ def table(report: dict[str, Any]) -> str:
                          f"{s['us_per_item']:.1f} | {s.get('speed_vs_baseline', 1):.2f}x |")
     skipped = sorted({n for r in report["runner"] + report["codec"] for n in r["skipped"]})
     if skipped:
-        lines += ["", "Not in this checkout (skipped): " + ", ".join(skipped) + "."]
+        lines += ["", "Skipped (not in this checkout, or its call failed): " + ", ".join(skipped) + "."]
     return "\n".join(lines)
 
 

@@ -44,13 +44,15 @@ def test_a_candidate_whose_target_is_missing_is_skipped_not_fatal():
     assert resolve("no_such_module.codec:decode") is None
     calls = []
     candidates = [Candidate("counted", "benchmarks.overhead:plain_decode", lambda f, c: lambda: calls.append(1)),
-                  Candidate("future codec", "autoglm.streams.events:decode_tasks_v9", lambda f, c: lambda: None)]
+                  Candidate("future codec", "autoglm.streams.events:decode_tasks_v9", lambda f, c: lambda: None),
+                  Candidate("changed API", "benchmarks.overhead:plain_decode", lambda f, c: lambda: f(1, 2))]
     loop = asyncio.new_event_loop()
     try:
         raw = measure(candidates, Context("digits", 4, [], [], [], loop, []), repeats=2, min_s=0.0)
     finally:
         loop.close()
-    assert raw["skipped"] == ["future codec"]
+    assert raw["skipped"][0] == "future codec"
+    assert raw["skipped"][1].startswith("changed API (TypeError: ")
     assert len(raw["items_per_s"]["counted"]) == 2 and len(calls) == 9   # warm-up + 2 repeats, >= 3 calls each
 
 
