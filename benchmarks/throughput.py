@@ -147,12 +147,14 @@ def drain(c: Candidate, *, model: str, n: int, bootstrap: str, broker: str, part
     proc = start_candidate(c, model=model, bootstrap=bootstrap, prefix=prefix, group=group,
                            torch_threads=torch_threads, embedded=embedded, log=log)
     raw: dict[str, Any] = {"candidate": c.name, "model": model, "broker": broker, "round": round_, "tasks": n,
-                           "partitions": partitions, "publish_s": publish_s}
+                           "partitions": partitions, "publish_s": publish_s,
+                           "load_avg_1m_before": os.getloadavg()[0]}  # the machine is shared: how busy it was
     try:
         with bar_factory(f"r{round_ + 1} {model} {c.name}" + (" (embedded)" if embedded else ""), n) as bar:
             raw.update(asyncio.run(watch(bootstrap, names.results, n, proc, 90 + n / 50, bar, read_back=embedded)))
     finally:
         raw["exit_code"] = stop_process(proc)
+        raw["load_avg_1m_after"] = os.getloadavg()[0]
     records = asyncio.run(read_results(bootstrap, names.results))
     ids = [r[1] for r in records]
     raw.update({"results": len(records), "unique": len(set(ids)), "duplicates": len(ids) - len(set(ids)),

@@ -95,6 +95,7 @@ def summarize(drains: list[dict[str, Any]], limits: dict[str, list[dict[str, Any
                      "not_ok": sum(d["not_ok"] for d, _ in rows),
                      "committed_all": all(d["committed"] in (None, d["tasks"]) for d, _ in rows)})
         out["brokers"].setdefault(broker, {}).setdefault(model, {})[cand] = cell
+    out["load_avg_1m"] = stat([d.get(k) for d in drains for k in ("load_avg_1m_before", "load_avg_1m_after")])
     out["targets"] = targets(out)
     out["demo"] = demo(out)
     return out
@@ -167,6 +168,10 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"| the model alone, in-process (L), best batch {'/'.join(map(str, lim['best_batch']))} | - | "
                          f"{_cell(lim['items_per_s'])} | {_cell(lim['cpu_us_per_item'])} | 1 | - | - |")
         lines.append("")
+    if s.get("load_avg_1m"):
+        la = s["load_avg_1m"]
+        lines += [f"Load average (1 min) of the machine around the drains: median {la['median']:.1f}, "
+                  f"{la['min']:.1f}-{la['max']:.1f} (on {report.get('machine', {}).get('cores', '?')} cores).", ""]
     if s["targets"]:
         lines.append("Issue 10's targets (Apache Kafka, medians): " + "; ".join(
             f"{t['model']} {t['wording']}: {t['value']:.2f} {'met' if t['met'] else '**not met**'}"

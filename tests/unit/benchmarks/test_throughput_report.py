@@ -76,7 +76,8 @@ def test_targets_met_and_the_demo_verdict():
 def test_incomplete_and_uncommitted_drains_are_flagged_in_the_table():
     drains = [drain("lean", 4000, 100), drain("worker", 2000, 300, committed=900),
               drain("faust", 1000, 400, complete=False)]
-    report = {"settings": {"candidates": {k: {"label": CANDIDATES[k].label} for k in ("lean", "worker", "faust")}},
+    drains[0].update(load_avg_1m_before=3.0, load_avg_1m_after=5.0)
+    report = {"machine": {"cores": 2}, "settings": {"candidates": {k: {"label": CANDIDATES[k].label} for k in ("lean", "worker", "faust")}},
               "summary": summarize(drains, {"digits-linear": [limit(40_000)]})}
     text = table(report)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
@@ -84,6 +85,7 @@ def test_incomplete_and_uncommitted_drains_are_flagged_in_the_table():
     assert "**incomplete**" in next(r for k, r in rows.items() if k.startswith(CANDIDATES["faust"].label))
     assert "| 1,001 | 4,000 | 100 | 0.100 | 1.00x | 1.00x |" in rows[CANDIDATES["lean"].label]
     assert "0.50 **not met**" in text
+    assert "Load average (1 min) of the machine around the drains: median 4.0, 3.0-5.0 (on 2 cores)" in text
 
 
 def test_update_readme_appends_then_replaces_its_section(tmp_path, monkeypatch):
