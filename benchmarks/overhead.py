@@ -154,7 +154,8 @@ def plain_encode(result) -> bytes:
         "batch_size": result.batch_size, "worker": result.worker, "queue_ms": result.queue_ms,
         "inference_ms": result.inference_ms, "end_to_end_ms": result.end_to_end_ms,
         "attributes": result.attributes,
-        "outputs": {"dtype": out.dtype.name, "shape": list(out.shape), "data": base64.b64encode(out.tobytes()).decode()},
+        "outputs": {"dtype": out.dtype.name, "shape": list(out.shape),
+                    "data": base64.b64encode(out.tobytes()).decode()},
     })
 
 

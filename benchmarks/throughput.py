@@ -197,7 +197,7 @@ def machine(torch_threads: int) -> dict[str, Any]:
             "cpu": cpu_model, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
             "load_avg_at_start": os.getloadavg(), "torch": torch.__version__, "torch_threads": torch_threads,
             "device": "cpu", "aiokafka": aiokafka.__version__, "faust": faust.__version__,
-            "confluent_kafka": confluent_kafka.version()[0], "librdkafka": confluent_kafka.libversion()[0]}
+            "confluent_kafka": confluent_kafka.__version__, "librdkafka": confluent_kafka.libversion()[0]}
 
 
 def tasks_for(model: str, c: Candidate, tasks: int, minilm_tasks: int) -> int:
@@ -282,7 +282,8 @@ def main(
                     mininterval=0.5)
 
     report: dict[str, Any] = {
-        "stamp": stamp, "figure": "O/T", "smoke": smoke, "command": " ".join(sys.argv),
+        "stamp": stamp, "figure": "O/T", "smoke": smoke,
+        "command": " ".join(["python -m benchmarks.throughput", *sys.argv[1:]]),
         "machine": machine(torch_threads),
         "settings": {"models": model_list, "candidates": {c.name: asdict(c) for c in chosen}, "rounds": rounds,
                      "tasks": tasks, "minilm_tasks": minilm_tasks, "partitions": partitions,

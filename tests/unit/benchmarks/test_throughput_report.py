@@ -77,7 +77,8 @@ def test_incomplete_and_uncommitted_drains_are_flagged_in_the_table():
     drains = [drain("lean", 4000, 100), drain("worker", 2000, 300, committed=900),
               drain("faust", 1000, 400, complete=False)]
     drains[0].update(load_avg_1m_before=3.0, load_avg_1m_after=5.0)
-    report = {"machine": {"cores": 2}, "settings": {"candidates": {k: {"label": CANDIDATES[k].label} for k in ("lean", "worker", "faust")}},
+    labels = {k: {"label": CANDIDATES[k].label} for k in ("lean", "worker", "faust")}
+    report = {"machine": {"cores": 2}, "settings": {"candidates": labels},
               "summary": summarize(drains, {"digits-linear": [limit(40_000)]})}
     text = table(report)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| ")}
