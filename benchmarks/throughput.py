@@ -19,12 +19,12 @@ candidate's process starts and the benchmark watches the end offsets of
 embedded broker, whose end offsets lag, it reads the results back instead).
 Figures:
 
-- **tasks/s**: results over the span from the first to the last result's
-  record timestamp (stamped by the candidate's producer), so the process's
-  start-up (imports, model load, group join) is not counted;
-- **CPU us/task**: user + system CPU of the candidate's process (and its
-  children; psutil) between the first poll that saw a result and the poll that
-  saw the last one, over the results produced in between;
+- **tasks/s**: in steady state: the results ranked between 5 % and 95 % of the backlog
+  (in time order) over the span between their record timestamps (stamped by the candidate's
+  producer), so start-up (imports, model load, group join) and the first and last batches, whose
+  size each candidate chooses, bias no one (:func:`benchmarks.drain_io.interior`);
+- **CPU us/task**: user + system CPU of the candidate's process (and its children; psutil)
+  between the polls that first saw 5 % and 95 % of the results, over the results in between;
 - checks: every task has a result (``complete``), duplicates, error results,
   and the group's committed offsets after the process stopped (SIGTERM).
 
@@ -62,6 +62,7 @@ from benchmarks.drain_io import (
     POLL_S,
     committed,
     delete_topics,
+    interior,
     publish_backlog,
     read_results,
     stop_process,
@@ -161,6 +162,7 @@ def drain(c: Candidate, *, model: str, n: int, bootstrap: str, broker: str, part
                 "not_ok": sum(1 for r in records if r[2] != "ok"),
                 "first_ts_ms": min((r[0] for r in records), default=None),
                 "last_ts_ms": max((r[0] for r in records), default=None),
+                "interior_ts": interior_timestamps([r[0] for r in records], n),
                 "committed": asyncio.run(committed(bootstrap, group, names.tasks(model)))})
     raw["complete"] = raw["unique"] == n and raw["window"] is not None
     if not raw["complete"]:
@@ -168,6 +170,15 @@ def drain(c: Candidate, *, model: str, n: int, bootstrap: str, broker: str, part
     log.unlink(missing_ok=True)
     asyncio.run(delete_topics(bootstrap, prefix))
     return raw
+
+
+def interior_timestamps(timestamps_ms: list[int], n: int) -> dict[str, int] | None:
+    """The record timestamps of the results ranked :func:`~benchmarks.drain_io.interior` (in time order)."""
+    if len(timestamps_ms) < n:
+        return None
+    opens, closes = interior(n)
+    ts = sorted(timestamps_ms)
+    return {"opens": opens, "closes": closes, "opens_ms": ts[opens - 1], "closes_ms": ts[closes - 1]}
 
 
 def offline_limit(model: str, torch_threads: int, sizes: str) -> dict[str, dict[str, float]]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.throughput import CANDIDATES, tasks_for
+from benchmarks.drain_io import interior
+from benchmarks.throughput import CANDIDATES, interior_timestamps, tasks_for
 from benchmarks.throughput_report import EMBEDDED, KAFKA, drain_figures, summarize, table, update_readme
 
 
@@ -12,9 +13,12 @@ def drain(candidate: str, rate: float, cpu_us: float, *, model: str = "digits-li
           broker: str = KAFKA, tasks: int = 1001, complete: bool = True, committed: int | None = None) -> dict:
     """A drain of ``tasks`` tasks whose results span (tasks - 1) / rate seconds and cost ``cpu_us`` each."""
     span_ms = (tasks - 1) / rate * 1000.0
+    opens, closes = interior(tasks)
     return {"candidate": candidate, "model": model, "broker": broker, "round": round_, "tasks": tasks,
             "results": tasks, "unique": tasks if complete else tasks - 1, "duplicates": 0, "not_ok": 0,
             "first_ts_ms": 1_000_000, "last_ts_ms": 1_000_000 + span_ms, "complete": complete,
+            "interior_ts": {"opens": opens, "closes": closes, "opens_ms": 1_000_000 + (opens - 1) / rate * 1000,
+                            "closes_ms": 1_000_000 + (closes - 1) / rate * 1000},
             "committed": tasks if committed is None else committed,
             "window": {"s": 2.0, "results": 800, "cpu_s": cpu_us * 800 / 1e6}}
 
@@ -24,13 +28,28 @@ def limit(items_per_s: float, cpu_us: float = 10.0) -> dict:
             "256": {"items_per_s": items_per_s, "cpu_us_per_item": cpu_us}}
 
 
-def test_drain_figures_span_first_to_last_result_and_cpu_over_the_window():
-    f = drain_figures(drain("lean", 500.0, 120.0))
-    assert f["tasks_per_s"] == pytest.approx(500.0)           # 1000 intervals over 2 s
+def test_drain_figures_span_the_interior_results_and_cpu_over_the_window():
+    d = drain("lean", 500.0, 120.0)
+    f = drain_figures(d)
+    assert f["tasks_per_s"] == pytest.approx(500.0)           # ranks 51..951 over 1.8 s
     assert f["cpu_us_per_task"] == pytest.approx(120.0)       # 0.096 s of CPU over 800 results
     assert f["window_tasks_per_s"] == pytest.approx(400.0)
-    assert drain_figures(drain("lean", 500.0, 120.0, complete=False)) == {
-        "tasks_per_s": None, "cpu_us_per_task": None, "window_tasks_per_s": None}
+    # a first batch of 100 served in 0.2 s, its results out at once at 0.2 s: first-to-last counts
+    # them without their time (1000 / 1.8 s), the interior window does not
+    d["first_ts_ms"] += 200.0
+    assert drain_figures(d)["tasks_per_s"] == pytest.approx(500.0)
+    assert drain_figures(d)["tasks_per_s_first_last"] == pytest.approx(1000 / 1.8)
+    del d["interior_ts"]                                       # a drain recorded before interior figures
+    assert drain_figures(d)["tasks_per_s"] == drain_figures(d)["tasks_per_s_first_last"]
+    assert set(drain_figures(drain("lean", 500.0, 120.0, complete=False)).values()) == {None}
+
+
+def test_the_interior_window_opens_at_5_and_closes_at_95_percent_of_the_results():
+    assert interior(30_000) == (1500, 28_500)
+    assert interior(10) == (1, 10) and interior(1) == (1, 1)
+    ts = [50, 10, 40, 20, 30, 60, 70, 80, 90, 100]            # read back partition by partition
+    assert interior_timestamps(ts, 10) == {"opens": 1, "closes": 10, "opens_ms": 10, "closes_ms": 100}
+    assert interior_timestamps(ts[:9], 10) is None             # a task without its result
 
 
 def test_ratios_pair_candidates_of_the_same_round():
