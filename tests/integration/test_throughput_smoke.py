@@ -26,7 +26,7 @@ def test_smoke_run_drains_every_task_through_the_worker_and_the_lean_loop(kafka_
         assert (d["unique"], d["not_ok"], d["committed"], d["complete"]) == (500, 0, 500, True), {
             k: v for k, v in d.items() if k != "log_tail"}
     cells = report["summary"]["brokers"][report["drains"][0]["broker"]]["digits-linear"]
-    for cell in cells.values():
-        assert cell["tasks_per_s"]["median"] > 0 and cell["cpu_us_per_task"]["median"] > 0
+    for cell in cells.values():  # 500 tasks take the lean loop ~0.1 s: too short to time its CPU (10 ms ticks)
+        assert cell["tasks_per_s"]["median"] > 0
     assert cells["lean"]["vs_lean_tasks_per_s"]["median"] == 1.0
     assert next(tmp_path.glob("*-throughput-smoke.png")).stat().st_size > 10_000
