@@ -94,6 +94,20 @@ class ConsumedRecord(Protocol):
     headers: Sequence[tuple[str, bytes]]
 
 
+class Runner(Protocol):
+    """What the pipeline uses of a model runner (:class:`~autoglm.models.runner.ModelRunner`,
+    :class:`~autoglm.models.fallback.FallbackRunner`)."""
+
+    @property
+    def model(self) -> Any:
+        """The served :class:`~autoglm.models.base.InferenceModel` (its ``prepare`` runs per task)."""
+        ...
+
+    async def run_isolated(self, items: Sequence[Any], *, timeout_s: float | None) -> list[Any]:
+        """One outcome per item (``ok``, ``output``, ``error``, ``served_by``), failing tasks isolated."""
+        ...
+
+
 class TopicChecker(Protocol):
     """Whether a ``reply_to`` topic exists (:class:`~autoglm.streams.topics.TopicCache`)."""
 
@@ -189,7 +203,7 @@ class TaskPipeline:
         *,
         names: TopicNames,
         worker_id: str,
-        runners: Mapping[str, Any],
+        runners: Mapping[str, Runner],
         policies: Mapping[str, BatchPolicy],
         produce: ProduceFn,
         ack: AckFn,
@@ -657,7 +671,8 @@ class TaskPipeline:
             log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
             records: list[Record] = [(self.names.dlq, key, value, self._dlq_headers(tp, offset, exc.code, str(exc)))]
             if exc.task_id:
-                reply_to = None if getattr(exc, "field", None) == "reply_to" else _reply_to(value, exc)
+                bad_reply_to = isinstance(exc, EventValidationError) and exc.field == "reply_to"
+                reply_to = None if bad_reply_to else _reply_to(value, exc)
                 rejected_result = Result(id=exc.task_id, model=exc.model or "", status="rejected",
                                          error=ErrorInfo(exc.code, str(exc)), worker=self.worker_id)
                 records.append((reply_to or self.names.results, exc.task_id.encode(),
