@@ -215,7 +215,7 @@ def validate_pipeline(text: str, source: str, lookup: SignatureLookup) -> tuple[
         between a step's inputs and what feeds them, latency targets over the pipeline's.
     """
     data, doc = load_yaml(text, source)
-    if doc.errors:
+    if data is None and doc.errors:  # a syntax error: nothing to check further
         return None, doc.errors
     return _Checker(doc, lookup).run(data)
 
