@@ -133,3 +133,37 @@ def test_a_task_the_model_refuses_gets_an_error_result_and_exit_1(tmp_path):
     assert short["status"] == "error" and short["error"]["code"] == "input_signature"
     assert short["error"]["message"].startswith("step 'first': ")
     assert good["status"] == "ok"
+
+
+REPO = Path(__file__).resolve().parents[2] / "examples" / "model-repo"
+
+
+def test_a_repository_model_with_named_outputs_routes_on_a_scalar_output(tmp_path):
+    """ranker (examples/model-repo, a python model): scores float32 (B, 3) and best int64 (B);
+    a second ranker step runs only for tasks whose best index is 2, and the result takes renamed outputs."""
+    from autoglm.pipelines import dry_run, load_pipeline, read_samples
+
+    spec = tmp_path / "pipeline.yaml"
+    spec.write_text("name: rank-twice\nsteps:\n  - {name: rank, model: ranker, inputs: [input]}\n"
+                    "  - name: again\n    model: ranker\n    inputs: [input]\n    when: rank.outputs.best == 2\n"
+                    "output: {best: rank.outputs.best, again: again.outputs.scores}\n")
+    rows = [[1.0] * 8, [-1.0] * 8]  # scores = x @ W: all ones -> increasing scores (best 2); all minus ones -> best 0
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("".join(json.dumps({"id": f"r{i}", "inputs": [row]}) + "\n" for i, row in enumerate(rows)))
+    pipeline = load_pipeline(spec, REPO)
+    up, down = dry_run(pipeline, read_samples(samples, pipeline), model_repo=REPO).results
+    weights = (np.arange(24, dtype=np.float32).reshape(8, 3) - 12.0) / 24.0
+    assert up.outputs["best"].tolist() == [2] and down.outputs["best"].tolist() == [0]
+    np.testing.assert_allclose(up.outputs["again"], np.asarray([rows[0]], np.float32) @ weights, rtol=1e-6)
+    assert "again" not in down.outputs and down.skipped["again"].startswith("skipped: when 'rank.outputs.best == 2'")
+
+
+def test_validate_against_a_repository_reports_an_invalid_model_yaml(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.yaml").write_text("format: python\nfactory: 'x:y'\ninputs: []\noutputs: []\n")
+    spec = tmp_path / "p.yaml"
+    spec.write_text("name: p\nsteps:\n  - {name: a, model: broken, inputs: [input]}\noutput: a.outputs\n")
+    result = run("pipeline", "validate", str(spec), "--model-repo", str(tmp_path))
+    assert result.exit_code == 2
+    assert f"{spec}:3: key 'steps[0].model': model 'broken': its model.yaml is invalid:" in result.stderr
+    assert "key 'inputs'" in result.stderr
