@@ -722,10 +722,13 @@ def _print_dry_run(run) -> None:
             text = np.array2string(np.asarray(value), precision=4, threshold=40, max_line_width=200)
             typer.echo(f"  => {name} = {' '.join(text.split())}")
     typer.echo("steps:")
+    measured = run.measured_targets()
     for s in run.steps:
         ms = ", ".join(f"{t * 1e3:.2f}" for t in s.service_s) or "-"
+        target = "" if s.latency_target_s is None else (
+            f"; latency target {s.latency_target_s:.4g} s (split by measured service: {measured[s.name]:.4g} s)")
         typer.echo(f"  {s.name} ({s.model}): {s.ran} ran, {s.skipped} skipped, {s.failed} failed; batch sizes "
-                   f"{s.batch_sizes or '-'}; service ms {ms}")
+                   f"{s.batch_sizes or '-'}; service ms {ms}{target}")
 
 
 def main() -> None:

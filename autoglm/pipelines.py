@@ -23,8 +23,9 @@ import numpy as np
 from autoglm.models.builtin import BUILTIN_SPECS, builtin_spec
 from autoglm.models.repository import ModelRepository
 from autoglm.models.spec import ModelSpec
-from autoglm.processors.dag import Pipeline, PipelineResult, Step, StepError, TaskState, assemble_result, decide, \
-    gather_inputs
+from autoglm.processors.dag import (
+    Pipeline, PipelineResult, Step, StepError, TaskState, assemble_result, decide, gather_inputs, split_latency,
+)
 from autoglm.processors.errors import ConfigError, EventError, ModelSpecError, PipelineInvalidError, PipelineSpecError
 from autoglm.processors.pipeline_spec import validate_pipeline
 
@@ -173,6 +174,22 @@ class DryRun:
     states: list[TaskState]
     steps: list[StepReport]
 
+    def measured_targets(self) -> dict[str, float]:
+        """The pipeline's latency target split by the measured service times (``{}`` without a target).
+
+        The split of :func:`~autoglm.processors.dag.split_latency` with each step's weight its mean
+        service time per micro-batch here (a step that served no batch weighs the mean of the others).
+        On a warm worker, batch service times differ from a dry run's; treat these as a first estimate.
+        """
+        total = self.pipeline.latency_target_s
+        if total is None:
+            return {}
+        means = {r.name: sum(r.service_s) / len(r.service_s) for r in self.steps if r.service_s}
+        fill = sum(means.values()) / len(means) if means else 1.0
+        order = [s.name for s in self.pipeline.steps]
+        deps = {s.name: s.upstream() for s in self.pipeline.steps}
+        return split_latency(order, deps, {n: means.get(n) or fill for n in order}, total)
+
     def as_dict(self, *, values: bool = True) -> dict[str, Any]:
         """JSON-ready: per task the result (outputs as ``{dtype, shape, data}`` nested lists when
         ``values``) and the intermediate outputs' dtypes and shapes; per step its report."""
@@ -185,7 +202,9 @@ class DryRun:
                 "intermediate": {step: {k: _tensor(v, False) for k, v in outs.items()}
                                  for step, outs in state.outputs.items()},
             })
-        return {"pipeline": self.pipeline.name, "tasks": tasks, "steps": [s.as_dict() for s in self.steps]}
+        measured = self.measured_targets()
+        steps = [{**s.as_dict(), "measured_latency_target_s": measured.get(s.name)} for s in self.steps]
+        return {"pipeline": self.pipeline.name, "tasks": tasks, "steps": steps}
 
 
 def _tensor(value: Any, values: bool) -> dict[str, Any]:

@@ -111,6 +111,11 @@ def test_dry_run_cli_json_parses_and_text_lists_tasks_and_steps():
     assert pair["outputs"]["first.probabilities"]["shape"] == [2, 10]
     assert np.allclose(np.sum(pair["outputs"]["first.probabilities"]["data"], axis=1), 1.0, atol=1e-5)
     assert [s["name"] for s in doc["steps"]] == ["first", "second"] and doc["steps"][0]["batch_sizes"] == [12]
+    # the 0.2 s target split by the measured mean service times: one path, so in their proportion, summing to 0.2
+    first, second = doc["steps"]
+    assert first["measured_latency_target_s"] + second["measured_latency_target_s"] == pytest.approx(0.2)
+    ratio = first["measured_latency_target_s"] / second["measured_latency_target_s"]
+    assert ratio == pytest.approx(first["service_ms"][0] / second["service_ms"][0], rel=1e-2)
     text = run("pipeline", "dry-run", str(PIPELINE), "--inputs", str(SAMPLES))
     assert text.exit_code == 0
     assert "task d0: ok" in text.stdout and "first: probabilities float32 (1, 10)" in text.stdout
