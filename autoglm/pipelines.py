@@ -5,8 +5,8 @@ signatures of the models of a repository and the built-ins. :func:`dry_run` runs
 the validated DAG in this process, with the real models: step by step in topological order, each
 step's tasks in micro-batches of its ``max_batch_size``, through :func:`autoglm.models.steps.execute_step`
 (the step code a Kafka runner shares) with the routing (``when``) and result assembly of
-:mod:`autoglm.processors.dag`. Every source a join waits for is at hand in one process, so no join
-times out here; :class:`~autoglm.processors.dag.JoinBuffer` is the join a broker runner needs.
+:mod:`autoglm.processors.routing`. Every source a join waits for is at hand in one process, so no join
+times out here; :class:`~autoglm.processors.joins.JoinBuffer` is the join a broker runner needs.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import numpy as np
 from autoglm.models.builtin import BUILTIN_SPECS, builtin_spec
 from autoglm.models.repository import ModelRepository
 from autoglm.models.spec import ModelSpec
-from autoglm.processors.dag import (
-    Pipeline, PipelineResult, Step, StepError, TaskState, assemble_result, decide, gather_inputs, split_latency,
-)
+from autoglm.processors.dag import Pipeline, Step, StepError, split_latency
+from autoglm.processors.routing import PipelineResult, TaskState, assemble_result, decide, gather_inputs
 from autoglm.processors.errors import ConfigError, EventError, ModelSpecError, PipelineInvalidError, PipelineSpecError
 from autoglm.processors.pipeline_spec import validate_pipeline
 

@@ -2,7 +2,7 @@
 
 :func:`execute_step` is the step code every pipeline runner shares (the dry run of
 :mod:`autoglm.pipelines`, and a Kafka runner that serves a step from its topic): each task's
-inputs (what :func:`autoglm.processors.dag.gather_inputs` made of it) are checked by the
+inputs (what :func:`autoglm.processors.routing.gather_inputs` made of it) are checked by the
 model's ``prepare``, the valid ones run as one micro-batch through the runner's
 ``run_isolated`` (the worker's fault isolation: a failing task is bisected out, the others are
 served), and each task's output is named after the model's declared outputs. A task whose
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
-from autoglm.processors.dag import StepError, name_outputs
+from autoglm.processors.dag import StepError
+from autoglm.processors.routing import name_outputs
 from autoglm.processors.errors import EventError
 from autoglm.models.base import InferenceModel, ItemOutcome
 
@@ -38,7 +39,7 @@ async def execute_step(runner: StepRunner, inputs: Sequence[Any], output_names: 
     Args:
         runner: the started runner of the step's model.
         inputs: one entry per task: the model's inputs for it (an array ``(rows, ...)``, a list of
-            texts, or ``{name: array}``), as :func:`~autoglm.processors.dag.gather_inputs` gives them.
+            texts, or ``{name: array}``), as :func:`~autoglm.processors.routing.gather_inputs` gives them.
         output_names: the model's declared output names, in order (a single array is named after
             the only one).
         timeout_s: seconds one forward may take (``None``: no limit), as the worker's batch timeout.

@@ -36,17 +36,18 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Protocol, Sequence
-
-import numpy as np
+from dataclasses import replace
+from typing import Any, Callable, Mapping, Sequence
 
 from autoglm.processors.dag import (
     DEFAULT_JOIN_WINDOW_MS, INPUT, OPERATORS, REDUCERS, RESERVED_STEP_NAMES, Condition, Pipeline, Ref, Step,
     heaviest_path, split_latency, topological_order,
 )
 from autoglm.processors.errors import PipelineSpecError
+from autoglm.processors.signatures import DTYPES, ModelSignatureLike, Port, PortLike, SignatureLookup, describe_port, \
+    port_mismatch
 from autoglm.processors.tunables import TUNABLES
+from autoglm.processors.yaml_lines import LocatedYaml, load_yaml
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9._-]{1,200}$")
 STEP_NAME_RE = re.compile(r"^[a-zA-Z0-9_-]{1,100}$")  # no dots: a reference splits on them
@@ -55,8 +56,6 @@ REF_RE = re.compile(r"^(?:(input)(?:\.([a-zA-Z0-9_-]+))?|([a-zA-Z0-9_-]+)\.outpu
 _OPS = "|".join(sorted((re.escape(o) for o in OPERATORS), key=len, reverse=True))
 WHEN_RE = re.compile(rf"^\s*(?:(?P<func>[a-z]+)\(\s*(?P<fref>[^()\s]+)\s*\)|attributes\.(?P<attr>[\w.-]+)|"
                      rf"(?P<ref>[^()\s<>=!]+))\s*(?P<op>{_OPS})\s*(?P<value>.+?)\s*$")
-#: the wire's dtypes (``autoglm.models.spec.DTYPES``; a unit test keeps the two equal)
-DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
 JOIN_WINDOW_MS_MAX = 3_600_000
 
 _TOP_KEYS = ("name", "description", "input", "latency_target_s", "join_window_ms", "steps", "output")
@@ -64,135 +63,6 @@ _INPUT_KEYS = ("topic", "signature")
 _STEP_KEYS = ("name", "description", "model", "inputs", "tensor_map", "when", "batching", "join_window_ms",
               "service_time_s")
 _PORT_KEYS = ("name", "dtype", "shape", "text")
-
-
-class PortLike(Protocol):
-    """A named tensor of a signature, per row (``autoglm.models.spec.TensorSpec`` is one)."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    text: bool
-
-
-class ModelSignatureLike(Protocol):
-    """A model's declared signature (``autoglm.models.spec.ModelSpec`` is one)."""
-
-    inputs: Sequence[PortLike]
-    outputs: Sequence[PortLike]
-
-
-#: ``lookup(model) -> signature``; raises ``LookupError`` whose message says why there is none.
-SignatureLookup = Callable[[str], ModelSignatureLike]
-
-
-@dataclass(frozen=True, slots=True)
-class Port:
-    """A declared tensor of the pipeline input: ``name``, numpy ``dtype``, per-row ``shape`` (-1: any), ``text``."""
-
-    name: str
-    dtype: str = "float32"
-    shape: tuple[int, ...] = ()
-    text: bool = False
-
-
-def describe_port(p: PortLike) -> str:
-    """``name: text`` or ``name: dtype (B, d1, ...)`` with ``?`` for a variable axis."""
-    if p.text:
-        return f"{p.name}: text"
-    dims = "".join(f", {'?' if d < 0 else d}" for d in p.shape)
-    return f"{p.name}: {p.dtype} (B{dims})"
-
-
-def port_mismatch(up: PortLike, down: PortLike) -> str | None:
-    """Why tensors of ``up`` cannot feed ``down``, or ``None`` when they can.
-
-    Text feeds only text; a dtype feeds its own or one it casts to safely
-    (``numpy.can_cast(up, down, "safe")``: int32 -> int64, float16 -> float32, not float64 -> float32);
-    per-row shapes need as many axes, each equal or variable (-1) on either side.
-    """
-    if up.text or down.text:
-        return None if up.text and down.text else (
-            f"input {down.name!r} takes {'text' if down.text else 'a tensor (' + describe_port(down) + ')'}, "
-            f"gets {'text' if up.text else 'a tensor'} ({describe_port(up)})")
-    if up.dtype != down.dtype and not np.can_cast(np.dtype(up.dtype), np.dtype(down.dtype), "safe"):
-        return f"dtype: {describe_port(down)} takes {down.dtype}, gets {up.dtype} (no safe cast)"
-    if len(up.shape) != len(down.shape) or any(a != b and a >= 0 and b >= 0 for a, b in zip(up.shape, down.shape)):
-        return f"per-row shape: {describe_port(down)}, gets {describe_port(up)}"
-    return None
-
-
-# -- YAML with lines ------------------------------------------------------------------------
-
-
-class _Doc:
-    """A YAML document as plain values, with the line of every key and item (by path)."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.lines: dict[tuple, int] = {}
-        self.errors: list[PipelineSpecError] = []
-
-    def line(self, path: tuple) -> int:
-        while path not in self.lines and path:
-            path = path[:-1]
-        return self.lines.get(path, 0)
-
-    def error(self, path: tuple, reason: str) -> None:
-        self.errors.append(PipelineSpecError(self.source, self.line(path), dotted(path), reason))
-
-    def convert(self, node: Any, path: tuple) -> Any:
-        import yaml
-
-        self.lines.setdefault(path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            out: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                key = self.convert(key_node, (*path, "<key>"))
-                if not isinstance(key, (str, int, float, bool)) or key is None:
-                    self.error((*path,), f"a mapping key must be a string, got {key!r}")
-                    continue
-                child = (*path, key)
-                if key in out:
-                    self.lines[(*child, "<dup>")] = key_node.start_mark.line + 1
-                    self.error((*child, "<dup>"), f"duplicate key {key!r} (first at line {self.lines[child]})")
-                    continue
-                self.lines[child] = key_node.start_mark.line + 1
-                out[key] = self.convert(value_node, child)
-            return out
-        if isinstance(node, yaml.SequenceNode):
-            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
-        return yaml.SafeLoader("").construct_object(node)
-
-
-def dotted(path: tuple) -> str:
-    """``("steps", 1, "inputs", 0)`` -> ``steps[1].inputs[0]`` (markers such as ``<dup>`` dropped)."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif not str(part).startswith("<"):
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def load_yaml(text: str, source: str) -> tuple[Any, _Doc]:
-    """Parse ``text`` into plain values and their lines; a syntax error becomes the doc's only error."""
-    import yaml
-
-    doc = _Doc(source)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 0
-        doc.errors.append(PipelineSpecError(source, line, "", f"invalid YAML: {exc.problem or exc}"
-                                            + (f" ({exc.context})" if exc.context else "")))
-        return None, doc
-    except yaml.YAMLError as exc:
-        doc.errors.append(PipelineSpecError(source, 0, "", f"invalid YAML: {exc}"))
-        return None, doc
-    return (doc.convert(node, ()) if node is not None else None), doc
 
 
 # -- the checks ---------------------------------------------------------------------------------
@@ -221,7 +91,7 @@ def validate_pipeline(text: str, source: str, lookup: SignatureLookup) -> tuple[
 
 
 class _Checker:
-    def __init__(self, doc: _Doc, lookup: SignatureLookup):
+    def __init__(self, doc: LocatedYaml, lookup: SignatureLookup):
         self.doc = doc
         self.lookup = lookup
         self.models: dict[str, ModelSignatureLike | None] = {}

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autoglm.processors.dag import (
-    Condition, JoinBuffer, Pipeline, Ref, Step, StepError, TaskState, assemble_result, condition_holds, decide,
-    gather_inputs, heaviest_path, split_latency, topological_order,
-)
+from autoglm.processors.dag import Condition, Pipeline, Ref, Step, StepError, heaviest_path, split_latency, \
+    topological_order
+from autoglm.processors.joins import JoinBuffer
+from autoglm.processors.routing import TaskState, assemble_result, condition_holds, decide, gather_inputs
 
 PROBS = Ref("a", "probabilities", "a.outputs.probabilities")
 

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from autoglm.processors.pipeline_spec import DTYPES, Port, port_mismatch, validate_pipeline
+from autoglm.processors.pipeline_spec import validate_pipeline
+from autoglm.processors.signatures import DTYPES, Port, port_mismatch
 
 
 @dataclass(frozen=True)
