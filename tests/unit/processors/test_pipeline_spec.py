@@ -215,3 +215,37 @@ def test_the_wire_dtypes_are_the_model_specs():
     from autoglm.models.spec import DTYPES as MODEL_DTYPES
 
     assert DTYPES == MODEL_DTYPES
+
+
+def test_when_parses_attributes_outputs_and_lists():
+    pipeline, errors = check("""
+        name: p
+        input: my.topic
+        steps:
+          - {name: h, model: head, inputs: [input.embedding]}
+          - name: g
+            model: head
+            inputs: [input]
+            when: ['attributes.tier == "gold"', "h.outputs.label != 1", "argmax(h.outputs.logits) >= 2"]
+        output: g.outputs.label
+    """)
+    assert errors == []
+    conds = pipeline.step("g").when
+    assert [(c.attribute, c.op, c.value) for c in conds[:1]] == [("tier", "==", "gold")]
+    assert (conds[1].ref.text, conds[1].func, conds[1].op, conds[1].value) == ("h.outputs.label", None, "!=", 1.0)
+    assert (conds[2].func, conds[2].ref.name) == ("argmax", "logits")
+    assert pipeline.step("g").upstream() == ["h"] and pipeline.input_topic == "my.topic"
+    assert [s.name for s in pipeline.steps] == ["h", "g"]
+
+
+def test_a_bad_topic_and_a_string_compared_with_an_output():
+    found = errors_of("""
+        name: p
+        input: {topic: "bad topic"}
+        steps:
+          - {name: h, model: head, inputs: [input]}
+          - {name: g, model: head, inputs: [input], when: "h.outputs.label == 'x'"}
+        output: g.outputs.label
+    """)
+    assert (2, "input.topic") in [(l, k) for l, k, _ in found]
+    assert any(k == "steps[1].when" and "compares with a number" in r for _, k, r in found)
