@@ -1,4 +1,4 @@
-"""The ``autoglm`` command: worker, publish, results, demo, ctl, status, console."""
+"""The ``autoglm`` command: worker, publish, results, demo, ctl, status, console, models, pipeline."""
 
 from __future__ import annotations
 
@@ -605,6 +605,130 @@ def console(
     # shutdown_timeout: open event streams (browsers) would otherwise hold a stop for aiohttp's 60 s
     web.run_app(server.app(), host=host, port=port, print=None, access_log_class=PathOnlyAccessLogger,
                 handle_signals=True, shutdown_timeout=3.0)
+
+
+pipeline_app = typer.Typer(help="Pipelines of models (a DAG declared in YAML): validate and dry-run, no broker needed.",
+                           no_args_is_help=True)
+app.add_typer(pipeline_app, name="pipeline")
+PipelineRepoOpt = typer.Option(None, "--model-repo", help="model repository folder the steps' models come from "
+                               "(beside the built-ins); env AUTOGLM_MODEL_REPO")
+
+
+def _load_pipeline(file: Path, model_repo: Optional[str], as_json: bool):
+    """The validated pipeline, or every error on stderr (a JSON object on stdout with --json) and exit 2."""
+    from autoglm.pipelines import validate_file
+
+    try:
+        pipeline, errors = validate_file(file, model_repo or _env_model_repo())
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if errors:
+        if as_json:
+            import orjson
+
+            typer.echo(orjson.dumps({"ok": False, "errors": [e.as_dict() for e in errors]}).decode())
+        for e in errors:
+            typer.echo(f"error: {e}", err=True)
+        typer.echo(f"{len(errors)} error(s) in {file}", err=True)
+        raise typer.Exit(2)
+    return pipeline
+
+
+@pipeline_app.command("validate")
+def pipeline_validate(
+    file: Path = typer.Argument(..., help="the pipeline.yaml"),
+    model_repo: Optional[str] = PipelineRepoOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object: ok, errors or the DAG"),
+) -> None:
+    """Check a pipeline: YAML, keys, references, cycles, names, models and their signatures.
+
+    Exits 2 with every error found (file:line: key: reason); a valid file exits 0 and prints the DAG in
+    topological order with each step's inputs, condition and latency target.
+    """
+    from autoglm.pipelines import describe
+
+    pipeline = _load_pipeline(file, model_repo, as_json)
+    dag = describe(pipeline)
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps({"ok": True, "errors": [], "pipeline": dag}).decode())
+        return
+    target = f"{pipeline.latency_target_s:g} s" if pipeline.latency_target_s is not None else "none"
+    typer.echo(f"pipeline {pipeline.name}: {len(pipeline.steps)} step(s), input topic "
+               f"{pipeline.input_topic or '<prefix>.pipelines.' + pipeline.name + '.in'}, latency target {target}")
+    for i, s in enumerate(dag["steps"], 1):
+        step_target = "-" if s["latency_target_s"] is None else f"{s['latency_target_s']:.4g} s"
+        typer.echo(f"  {i}. {s['name']} ({s['model']}) <- {', '.join(s['inputs'])}"
+                   + (f" when {' and '.join(s['when'])}" if s["when"] else "")
+                   + (f" [join {s['join_window_ms']} ms]" if s["join_window_ms"] else "")
+                   + f"; latency target {step_target}")
+    typer.echo(f"  output: {', '.join(f'{k} = {v}' for k, v in dag['output'].items())}")
+
+
+@pipeline_app.command("dry-run")
+def pipeline_dry_run(
+    file: Path = typer.Argument(..., help="the pipeline.yaml"),
+    inputs: Path = typer.Option(..., "--inputs", "-i", help="JSON lines, one task per line: inputs (and "
+                                "attributes, id) as in the task event format"),
+    model_repo: Optional[str] = PipelineRepoOpt,
+    device: str = typer.Option("cpu", help="auto, cpu, cuda or cuda:N"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object: per task its result and "
+                                 "intermediate shapes, per step its batches"),
+) -> None:
+    """Run sample tasks through the pipeline in this process with the real models, no broker.
+
+    Prints per task the intermediate outputs' shapes and the final result, per step the batch sizes and
+    service times. Exits 2 on an invalid pipeline or samples file, 1 when a task's result is an error.
+    """
+    _logging("WARNING")
+    from autoglm.pipelines import dry_run, read_samples
+
+    pipeline = _load_pipeline(file, model_repo, as_json)
+    try:
+        tasks = read_samples(inputs, pipeline)
+        run = dry_run(pipeline, tasks, model_repo=model_repo or _env_model_repo(), device=device)
+    except AutoGLMError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        import orjson
+
+        typer.echo(orjson.dumps(run.as_dict()).decode())
+    else:
+        _print_dry_run(run)
+    raise typer.Exit(1 if any(r.status != "ok" for r in run.results) else 0)
+
+
+def _print_dry_run(run) -> None:
+    import numpy as np
+
+    def shape(v) -> str:
+        a = np.asarray(v)
+        return f"{a.dtype} {tuple(a.shape)}"
+
+    for result, state in zip(run.results, run.states):
+        typer.echo(f"task {result.id}: {result.status}"
+                   + (f" ({result.error['code']}: {result.error['message']})" if result.error else "")
+                   + (f"  attributes {dict(result.attributes)}" if result.attributes else ""))
+        for step in run.pipeline.steps:
+            if step.name in state.outputs:
+                shown = ", ".join(f"{k} {shape(v)}" for k, v in state.outputs[step.name].items())
+            else:
+                shown = state.skipped.get(step.name) or f"failed: {state.errors[step.name].message}"
+            typer.echo(f"  {step.name}: {shown}")
+        for name, value in result.outputs.items():
+            text = np.array2string(np.asarray(value), precision=4, threshold=40, max_line_width=200)
+            typer.echo(f"  => {name} = {' '.join(text.split())}")
+    typer.echo("steps:")
+    measured = run.measured_targets()
+    for s in run.steps:
+        ms = ", ".join(f"{t * 1e3:.2f}" for t in s.service_s) or "-"
+        target = "" if s.latency_target_s is None else (
+            f"; latency target {s.latency_target_s:.4g} s (split by measured service: {measured[s.name]:.4g} s)")
+        typer.echo(f"  {s.name} ({s.model}): {s.ran} ran, {s.skipped} skipped, {s.failed} failed; batch sizes "
+                   f"{s.batch_sizes or '-'}; service ms {ms}{target}")
 
 
 def main() -> None:

@@ -400,6 +400,8 @@ def main(
     embedded: bool = typer.Option(False, help="use the embedded broker instead of Apache Kafka"),
     update_readme: bool = typer.Option(False, help="rewrite the table in benchmarks/README.md"),
     peak: float = typer.Option(2.0, help="the burst phase's load, times capacity (0.9: peaks below capacity)"),
+    only: str = typer.Option("", help="comma-separated setting names to run (default: all), e.g. "
+                                      "'adaptive,fixed 32/10ms,fixed 256/50ms'"),
 ) -> None:
     """Run figure A (and L, T) and write JSON + PNG into benchmarks/results/."""
     from rich.console import Console
@@ -433,6 +435,8 @@ def main(
             settings = settings_for(model, target_s)
             if quick:
                 settings = [s for s in settings if s.name in ("adaptive", "fixed 1/0ms", DEFAULT_FIXED)]
+            if only:
+                settings = [s for s in settings if s.name in {n.strip() for n in only.split(",")}]
             console.print(f"[bold]{model}[/]: offline limit (figure L) ...")
             limit = offline_limit(model, inputs)
             # the trace's reference capacity T: the fixed default's, a setting-neutral reference

@@ -286,6 +286,7 @@ class AdaptiveBatchPolicy:
         self.latency_ewma_s: float | None = None
         self.last_target_size = 1
         self._cap: int | None = None
+        self._configured = False
         self.configure(latency_target_s=latency_target_s, max_batch_size=max_batch_size,
                        max_wait_s=max_wait_s, mode=mode)
 
@@ -309,10 +310,11 @@ class AdaptiveBatchPolicy:
         size = self.max_batch_size if max_batch_size is None else int(max_batch_size)
         wait = self.max_wait_s if max_wait_s is None else float(max_wait_s)
         new_mode = self.mode if mode is None else mode
-        if latency_target_s is not None and hasattr(self, "latency_target_s") and target != self.latency_target_s:
+        if latency_target_s is not None and self._configured and target != self.latency_target_s:
             self.correction = 1.0  # a new target: start the feedback afresh
             self.latency_ewma_s = None
         self.latency_target_s, self.max_batch_size, self.max_wait_s, self.mode = target, size, wait, new_mode
+        self._configured = True
 
     # -- the BatchPolicy seam ---------------------------------------------------
 

@@ -10,7 +10,9 @@ non-retriable one will fail the same way every time.
 
     AutoGLMError
     ├── ConfigError                 (ValueError)  a setting is missing or invalid
-    │   └── ModelSpecError                        a model.yaml key is wrong (names file, key, expected)
+    │   ├── ModelSpecError                        a model.yaml key is wrong (names file, key, expected)
+    │   ├── PipelineSpecError                     one problem of a pipeline.yaml (names file, line, key, reason)
+    │   └── PipelineInvalidError                  a pipeline.yaml with problems: every one of them, in order
     ├── EventError                  (ValueError)  an event on the wire is unusable
     │   ├── EventDecodeError                      not UTF-8 JSON, or not an object
     │   ├── SchemaVersionError                    unknown schema name or major version
@@ -42,6 +44,8 @@ __all__ = [
     "AutoGLMError",
     "ConfigError",
     "ModelSpecError",
+    "PipelineSpecError",
+    "PipelineInvalidError",
     "EventError",
     "EventDecodeError",
     "SchemaVersionError",
@@ -106,6 +110,49 @@ class ModelSpecError(ConfigError):
         self.key = key
         self.expected = expected
         self.actual = actual
+
+
+class PipelineSpecError(ConfigError):
+    """One problem of a pipeline file (``pipeline.yaml``), where it is.
+
+    Args:
+        file: the pipeline file, as a path string.
+        line: 1-based line of the key or value at fault (0 when the file as a whole is at fault).
+        key: dotted key, e.g. ``steps[1].inputs[0]`` (``""`` for the whole file).
+        reason: what is wrong and what is expected, in words.
+
+    The message reads ``FILE:LINE: key 'KEY': REASON``, the form compilers and linters use.
+    """
+
+    code = "pipeline_spec"
+
+    def __init__(self, file: str, line: int, key: str, reason: str):
+        where = f"{file}:{line}" if line else str(file)
+        super().__init__(f"{where}: key {key!r}: {reason}" if key else f"{where}: {reason}")
+        self.file = file
+        self.line = line
+        self.key = key
+        self.reason = reason
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"file", "line", "key", "reason", "message"}``, JSON-ready."""
+        return {"file": self.file, "line": self.line, "key": self.key, "reason": self.reason, "message": str(self)}
+
+
+class PipelineInvalidError(ConfigError):
+    """A pipeline file has problems; :attr:`errors` holds every one found, in file order.
+
+    Args:
+        errors: the problems (at least one).
+    """
+
+    code = "pipeline_invalid"
+
+    def __init__(self, errors: list[PipelineSpecError]):
+        self.errors = list(errors)
+        count = len(self.errors)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the pipeline:\n"
+                         + "\n".join(str(e) for e in self.errors))
 
 
 class EventError(AutoGLMError, ValueError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterator, TypeVar
 
@@ -65,7 +66,12 @@ class TaskQueue(Generic[T]):
         self._deadlines: list[tuple[float, int, _Entry[T]]] = []
         self._seq = itertools.count()
         self._size = 0
-        self._oldest: list[tuple[float, int, _Entry[T]]] = []
+        self._oldest: list[tuple[float, int, _Entry[T]]] = []  # queue times of the heap's entries
+        # Priority-0 tasks queued in time order: their ranks (aging_per_s * enqueued_s) only grow,
+        # so a deque holds them in rank order with no heap work (the common case: most tasks carry
+        # no priority). Others, and any pushed out of time order, go to the heap.
+        self._fifo: deque[_Entry[T]] = deque()
+        self._fifo_last_s = float("-inf")
 
     def __len__(self) -> int:
         return self._size
@@ -74,8 +80,12 @@ class TaskQueue(Generic[T]):
         """Queue ``item`` at ``now_s`` with ``priority`` (higher first) and an optional deadline."""
         seq = next(self._seq)
         entry = _Entry(-(priority - self.aging_per_s * now_s), seq, now_s, deadline_s, item)
-        heapq.heappush(self._heap, entry)
-        heapq.heappush(self._oldest, (now_s, seq, entry))
+        if priority == 0 and now_s >= self._fifo_last_s:
+            self._fifo.append(entry)
+            self._fifo_last_s = now_s
+        else:
+            heapq.heappush(self._heap, entry)
+            heapq.heappush(self._oldest, (now_s, seq, entry))
         if deadline_s is not None:
             heapq.heappush(self._deadlines, (deadline_s, seq, entry))
         self._size += 1
@@ -83,10 +93,18 @@ class TaskQueue(Generic[T]):
     def pop(self, n: int) -> list[QueuedTask[T]]:
         """Take up to ``n`` tasks in priority order."""
         out: list[QueuedTask[T]] = []
-        while self._heap and len(out) < n:
-            entry = heapq.heappop(self._heap)
-            if not entry.removed:
-                out.append(self._take(entry))
+        heap, fifo = self._heap, self._fifo
+        while len(out) < n:
+            while fifo and fifo[0].removed:
+                fifo.popleft()
+            while heap and heap[0].removed:
+                heapq.heappop(heap)
+            if fifo and (not heap or fifo[0] < heap[0]):
+                out.append(self._take(fifo.popleft()))
+            elif heap:
+                out.append(self._take(heapq.heappop(heap)))
+            else:
+                break
         return out
 
     def expire(self, now_s: float) -> list[QueuedTask[T]]:
@@ -101,7 +119,7 @@ class TaskQueue(Generic[T]):
     def remove_if(self, predicate: Callable[[T], bool]) -> list[QueuedTask[T]]:
         """Remove and return every queued task whose item satisfies ``predicate`` (e.g. the tasks of
         partitions revoked in a rebalance), in no particular order."""
-        return [self._take(e) for e in list(self._heap) if not e.removed and predicate(e.item)]
+        return [self._take(e) for e in [*self._fifo, *self._heap] if not e.removed and predicate(e.item)]
 
     def _take(self, entry: _Entry[T]) -> QueuedTask[T]:
         """Mark ``entry`` removed (its copies in the other heaps are skipped lazily) and hand it out."""
@@ -113,7 +131,12 @@ class TaskQueue(Generic[T]):
         """Queue time of the longest-waiting task, or None when empty."""
         while self._oldest and self._oldest[0][2].removed:
             heapq.heappop(self._oldest)
-        return self._oldest[0][0] if self._oldest else None
+        while self._fifo and self._fifo[0].removed:
+            self._fifo.popleft()
+        oldest = self._oldest[0][0] if self._oldest else None
+        if self._fifo and (oldest is None or self._fifo[0].enqueued_s < oldest):
+            oldest = self._fifo[0].enqueued_s
+        return oldest
 
     def next_deadline_s(self) -> float | None:
         """The earliest deadline among queued tasks, or None."""
@@ -122,4 +145,4 @@ class TaskQueue(Generic[T]):
         return self._deadlines[0][0] if self._deadlines else None
 
     def __iter__(self) -> Iterator[T]:
-        return (e.item for e in self._heap if not e.removed)
+        return (e.item for e in [*self._fifo, *self._heap] if not e.removed)

@@ -43,6 +43,7 @@ from autoglm.streams.pipeline import TaskPipeline
 from autoglm.streams.served_models import ServedModels
 from autoglm.streams.producer import BatchProducer
 from autoglm.streams.topics import TopicCache, TopicNames
+from autoglm.streams.tracing import BatchTracing
 from autoglm.streams.transactions import TransactionalSettler
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class Worker(Service):
         policies: model name -> batching policy (default: one :class:`AdaptiveBatchPolicy`
             per model from ``config``).
         metrics: batching metrics (default: none).
+        tracing: OpenTelemetry spans per batch (default: off).
         repository: where ``ctl load``/``reload`` read models from (the built-ins alone when
             None); each served model's ``batching`` defaults from it are applied to its policy.
         runner_options: ``device``, ``torch_threads``, ``max_failures``, ``probe_every`` for the
@@ -140,8 +142,8 @@ class Worker(Service):
 
     def __init__(self, config: WorkerConfig, runners: Mapping[str, Any],
                  policies: Mapping[str, BatchPolicy] | None = None, metrics: BatchMetrics | None = None,
-                 *, repository: ModelRepository | None = None, runner_options: Mapping[str, Any] | None = None,
-                 **kwargs: Any):
+                 tracing: BatchTracing | None = None, *, repository: ModelRepository | None = None,
+                 runner_options: Mapping[str, Any] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.config = config
         #: results per model and status since start (heartbeat totals), beside the given metrics
@@ -169,7 +171,7 @@ class Worker(Service):
             on_fatal=self._fatal, metrics=metrics, topics=self.topics,
             delivery_timeout_s=config.delivery_timeout_s, inference_timeout_s=config.inference_timeout_s,
             max_task_bytes=config.max_task_bytes, max_result_bytes=config.max_result_bytes,
-            transact=self.settler,
+            transact=self.settler, tracing=tracing, group_id=cc.group_id,
         )
         self.control_state = ControlState(config.worker_id, list(runners))
         topics = cc.topics or tuple(names.tasks(m) for m in runners)
@@ -313,7 +315,8 @@ def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
                      policies: Mapping[str, BatchPolicy] | None = None,
                      metrics: BatchMetrics | None = None, *, datadir: str | None = None,
                      repository: ModelRepository | None = None,
-                     runner_options: Mapping[str, Any] | None = None) -> tuple[faust.App, Worker]:
+                     runner_options: Mapping[str, Any] | None = None,
+                     tracing: BatchTracing | None = None) -> tuple[faust.App, Worker]:
     """Create the faust shell of a worker serving ``runners`` (model name -> started runner).
 
     Args:
@@ -327,7 +330,8 @@ def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
     options: dict[str, Any] = {"datadir": datadir} if datadir else {}
     app = WorkerApp(f"autoglm-{config.worker_id}", web_enabled=False, store="memory://",
                     value_serializer="raw", key_serializer="raw", **options)
-    worker = Worker(config, runners, policies, metrics, repository=repository, runner_options=runner_options)
+    worker = Worker(config, runners, policies, metrics, tracing, repository=repository,
+                    runner_options=runner_options)
     app.service(worker)
     return app, worker
 

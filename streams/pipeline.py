@@ -67,6 +67,7 @@ from autoglm.streams.events import (
 )
 from autoglm.streams.results import BatchResultEncoder, all_finite
 from autoglm.streams.topics import TopicNames
+from autoglm.streams.tracing import BatchTracing
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,21 @@ class ConsumedRecord(Protocol):
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
+
+
+class Runner(Protocol):
+    """What the pipeline uses of a model runner (:class:`~autoglm.models.runner.ModelRunner`,
+    :class:`~autoglm.models.fallback.FallbackRunner`)."""
+
+    @property
+    def model(self) -> Any:
+        """The served :class:`~autoglm.models.base.InferenceModel` (its ``prepare`` runs per task)."""
+        ...
+
+    async def run_isolated(self, items: Sequence[Any], *, timeout_s: float | None) -> list[Any]:
+        """One outcome per item (``ok``, ``output``, ``error``, ``served_by``), failing tasks isolated."""
+        ...
 
 
 class TopicChecker(Protocol):
@@ -117,6 +133,7 @@ class Pending:
     key: bytes | None = None
     value: bytes | None = None
     deadline_s: float | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 @dataclass(slots=True)
@@ -168,6 +185,9 @@ class TaskPipeline:
             records and commits ``offsets`` (partition -> next offset to read)
             in one Kafka transaction (see
             :class:`~autoglm.streams.transactions.TransactionalSettler`).
+        tracing: OpenTelemetry spans per batch (:mod:`autoglm.streams.tracing`; default off:
+            nothing is done per task, one no-op call per batch).
+        group_id: the consumer group, for the spans' ``messaging.consumer.group.name``.
         clock: monotonic seconds.
 
     Model failures: runners answer ``run_isolated(items, timeout_s=)`` with one
@@ -183,7 +203,7 @@ class TaskPipeline:
         *,
         names: TopicNames,
         worker_id: str,
-        runners: Mapping[str, Any],
+        runners: Mapping[str, Runner],
         policies: Mapping[str, BatchPolicy],
         produce: ProduceFn,
         ack: AckFn,
@@ -196,6 +216,8 @@ class TaskPipeline:
         max_task_bytes: int | None = None,
         max_result_bytes: int | None = None,
         transact: TransactFn | None = None,
+        tracing: BatchTracing | None = None,
+        group_id: str = "",
         clock: Callable[[], float] = time.monotonic,
     ):
         self.names = names
@@ -213,6 +235,8 @@ class TaskPipeline:
         self.max_task_bytes = max_task_bytes
         self.max_result_bytes = max_result_bytes
         self._transact = transact
+        self.tracing = tracing or BatchTracing()
+        self.group_id = group_id
         self._held: dict[tuple[Hashable, int], list[Record]] = {}
         self._released: set[Hashable] = set()
         self.limiter = InFlightLimiter(max_in_flight)
@@ -435,7 +459,8 @@ class TaskPipeline:
             except EventError as exc:
                 rejected.append((offset, record.key, value, exc))
                 continue
-            valid.append(Pending(task, prepared, tp, offset, received_s, received_ms, record.key, value))
+            valid.append(Pending(task, prepared, tp, offset, received_s, received_ms, record.key, value,
+                                 None, record.headers))
         # NaN/inf: one vectorised check of what the model would see (the prepared rows), per poll
         if valid and not all_finite([a for p in valid for a in _arrays(p.prepared)]):
             valid = self._reject_non_finite(valid, rejected)
@@ -557,22 +582,26 @@ class TaskPipeline:
         if previous is not None and backlog:  # a backlog before and now: the cycle time is the cost
             policy.observe_cycle(previous[1], start_s - previous[0], previous[2])
         self._saturated[model] = (start_s, len(batch), policy.last_target_size) if backlog else None
-        try:
-            if runner is None:  # unloaded meanwhile (an unload drains first, so only a forced stop gets here)
-                raise ModelError(f"model {model!r} was unloaded from this worker")
-            outcomes = await runner.run_isolated([p.prepared for p in batch], timeout_s=self.inference_timeout_s)
-        except ModelError as exc:  # the runner itself is unusable (closed): every task gets the error
-            log.error("model %s failed on a batch of %d: %s", model, len(batch), exc)
-            outcomes = [_Failed(model, ErrorInfo(exc.code, str(exc)))] * len(batch)
-        inference_s = self.clock() - start_s
-        self.counters.batches += 1
-        groups, latencies_s, failed = self._encode_batch(model, batch, outcomes, start_s, inference_s)
-        if failed:
-            log.error("model %s: %d of %d tasks failed (%s)", model, len(failed), len(batch),
-                      ", ".join(sorted(failed)))
-        # the cost model learns from clean batches only: bisection, retries and timeouts inflate the time
-        self._observe(model, batch, latencies_s, start_s, inference_s, learn=not failed)
-        self._spawn(self._settle(groups))
+        traced = [(p.partition[1], p.offset, p.headers) for p in batch] if self.tracing.enabled else ()
+        with self.tracing.process(self.names.tasks(model), model=model, group=self.group_id, records=traced) as span:
+            try:
+                if runner is None:  # unloaded meanwhile (an unload drains first, so only a forced stop gets here)
+                    raise ModelError(f"model {model!r} was unloaded from this worker")
+                outcomes = await runner.run_isolated([p.prepared for p in batch], timeout_s=self.inference_timeout_s)
+            except ModelError as exc:  # the runner itself is unusable (closed): every task gets the error
+                log.error("model %s failed on a batch of %d: %s", model, len(batch), exc)
+                outcomes = [_Failed(model, ErrorInfo(exc.code, str(exc)))] * len(batch)
+            inference_s = self.clock() - start_s
+            span.set_inference(inference_s)
+            self.counters.batches += 1
+            groups, latencies_s, failed = self._encode_batch(model, batch, outcomes, start_s, inference_s)
+            if failed:
+                log.error("model %s: %d of %d tasks failed (%s)", model, len(failed), len(batch),
+                          ", ".join(sorted(failed)))
+            # the cost model learns from clean batches only: bisection, retries and timeouts inflate the time
+            self._observe(model, batch, latencies_s, start_s, inference_s, learn=not failed)
+            # spawned inside the span: its ``send`` span is a child of this batch's ``process`` span
+            self._spawn(self._settle(groups, traced=self.tracing.enabled))
 
     def _encode_batch(self, model: str, batch: list[Pending], outcomes: Sequence[Any], start_s: float,
                       inference_s: float) -> tuple[list[tuple[Hashable, int, list[Record]]], list[float], set[str]]:
@@ -647,7 +676,8 @@ class TaskPipeline:
         """The records answering one task: its result (``result`` None: an ``ok`` one, counted by
         the caller), and a dead letter with its bytes when the model failed on it alone."""
         task = pending.task
-        records: list[Record] = [(task.reply_to or self.names.results, task.id.encode(), value, [])]
+        headers = self.tracing.result_headers(pending.headers) if self.tracing.enabled else []
+        records: list[Record] = [(task.reply_to or self.names.results, task.id.encode(), value, headers)]
         if result is not None:
             if result.status == "expired":
                 self.counters.results_expired += 1
@@ -681,7 +711,8 @@ class TaskPipeline:
             log.warning("dead-lettering %s offset %d: %s: %s", tp, offset, exc.code, exc)
             records: list[Record] = [(self.names.dlq, key, value, self._dlq_headers(tp, offset, exc.code, str(exc)))]
             if exc.task_id:
-                reply_to = None if getattr(exc, "field", None) == "reply_to" else _reply_to(value, exc)
+                bad_reply_to = isinstance(exc, EventValidationError) and exc.field == "reply_to"
+                reply_to = None if bad_reply_to else _reply_to(value, exc)
                 rejected_result = Result(id=exc.task_id, model=exc.model or "", status="rejected",
                                          error=ErrorInfo(exc.code, str(exc)), worker=self.worker_id)
                 records.append((reply_to or self.names.results, exc.task_id.encode(),
@@ -701,7 +732,7 @@ class TaskPipeline:
             (DLQ_HEADER_WORKER, self.worker_id.encode()),
         ]
 
-    async def _settle(self, groups: list[tuple[Hashable, int, list[Record]]]) -> None:
+    async def _settle(self, groups: list[tuple[Hashable, int, list[Record]]], *, traced: bool = False) -> None:
         """Deliver the records of finished tasks (one group per consumed offset), then advance
         the commit positions of their partitions and free their in-flight slots.
 
@@ -721,7 +752,11 @@ class TaskPipeline:
             return
         records = [record for _, _, recs in groups for record in recs]
         try:
-            await asyncio.wait_for(self._produce(records), self.delivery_timeout_s)
+            if traced:
+                with self.tracing.send(records[0][0] if records else self.names.results, count=len(records)):
+                    await asyncio.wait_for(self._produce(records), self.delivery_timeout_s)
+            else:
+                await asyncio.wait_for(self._produce(records), self.delivery_timeout_s)
         except Exception as exc:
             log.critical("could not deliver %d records; stopping so they are consumed again: %r", len(records), exc)
             self._on_fatal(exc)

@@ -101,18 +101,34 @@ async def produce_records(producer: AIOKafkaProducer, counts: PartitionCounts,
         groups.setdefault((topic, partition_for(record[1], n)), []).append(record)
     futures: list[asyncio.Future] = []
     for (topic, partition), group in groups.items():
-        batch = producer.create_batch()
-        for _, key, value, headers in group:
-            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                batch.close()
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = producer.create_batch()
-                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                    raise ValueError(f"a record of {len(value or b'')} bytes does not fit in an empty batch "
-                                     f"for {topic!r}; raise max_batch_size of the producer")
-        if batch.record_count():
-            batch.close()  # nothing else (a plain send) may join it
+        futures += await send_batches(producer, topic, partition, group)
+    return futures
+
+
+async def send_batches(producer: AIOKafkaProducer, topic: str, partition: int,
+                       records: Sequence[Record]) -> list[asyncio.Future]:
+    """Hand ``records`` of one destination partition to the producer as few record batches as fit.
+
+    Returns:
+        The futures of the broker acknowledgements, one per batch.
+
+    Raises:
+        ValueError: a record does not fit in an empty batch (larger than the producer's ``max_batch_size``).
+        KafkaError: the producer refused a batch.
+    """
+    futures: list[asyncio.Future] = []
+    batch = producer.create_batch()
+    for _, key, value, headers in records:
+        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            batch.close()
             futures.append(await producer.send_batch(batch, topic, partition=partition))
+            batch = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                raise ValueError(f"a record of {len(value or b'')} bytes does not fit in an empty batch "
+                                 f"for {topic!r}; raise max_batch_size of the producer")
+    if batch.record_count():
+        batch.close()  # nothing else (a plain send) may join it
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
     return futures
 
 
@@ -171,21 +187,9 @@ class BatchProducer:
         while queue:
             entries = list(queue)
             queue.clear()
-            futures: list[asyncio.Future] = []
             try:
-                batch = self._producer.create_batch()
-                for group, _ in entries:
-                    for _, key, value, headers in group:
-                        if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                            batch.close()
-                            futures.append(await self._producer.send_batch(batch, topic, partition=partition))
-                            batch = self._producer.create_batch()
-                            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                                raise ValueError(f"a record of {len(value or b'')} bytes does not fit in an empty "
-                                                 f"batch for {topic!r}")
-                if batch.record_count():
-                    batch.close()
-                    futures.append(await self._producer.send_batch(batch, topic, partition=partition))
+                futures = await send_batches(self._producer, topic, partition,
+                                             [record for group, _ in entries for record in group])
             except Exception as exc:  # refused: every caller waiting on these entries gets the error
                 for _, fut in entries:
                     if not fut.done():

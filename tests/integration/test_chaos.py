@@ -34,6 +34,9 @@ MIN_PROGRESS = 1000
 AUDIT_EVERY_S = 2.0
 #: the longest the test may take before it counts as stuck
 DEADLINE_S = 540.0
+#: small fixed batches: the batch-native worker drains 20,000 digits tasks in a few seconds, before
+#: a second kill could land; at 16 tasks per batch the run lasts long enough for several kills
+WORKER = {"batching_mode": "fixed", "max_batch_size": "16", "max_wait_s": "0"}
 
 
 @pytest.mark.timeout(600)
@@ -50,12 +53,13 @@ async def test_chaos_sigkill_every_few_seconds_loses_nothing(kafka_bootstrap, pr
     positions = await produce_tasks(kafka_bootstrap, task_topic, tasks)
     publish_s = time.monotonic() - t_start
 
-    live = [workers.start(kafka_bootstrap, prefix, "digits"), workers.start(kafka_bootstrap, prefix, "digits")]
+    live = [workers.start(kafka_bootstrap, prefix, "digits", **WORKER),
+            workers.start(kafka_bootstrap, prefix, "digits", **WORKER)]
     kills = 0
     served_at_kill: list[int] = []
     audits: list[int] = []  # committed tasks without a result, per audit during the chaos
     async with ResultFollower(kafka_bootstrap, prefix) as results:
-        next_kill = time.monotonic() + KILL_EVERY_S
+        next_kill = time.monotonic()  # the first kill as soon as MIN_PROGRESS results are in
         next_audit = time.monotonic() + AUDIT_EVERY_S
         progress_at_kill = 0
         while len(results.first) < N_TASKS:
@@ -67,7 +71,7 @@ async def test_chaos_sigkill_every_few_seconds_loses_nothing(kafka_bootstrap, pr
                 victim = kills % 2
                 live[victim].send_signal(signal.SIGKILL)
                 live[victim].wait(timeout=10)
-                live[victim] = workers.start(kafka_bootstrap, prefix, "digits")
+                live[victim] = workers.start(kafka_bootstrap, prefix, "digits", **WORKER)
                 kills += 1
                 served_at_kill.append(len(results.first))
                 progress_at_kill = len(results.first)

@@ -56,6 +56,23 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
+async def settled_rss(pid: int) -> int:
+    """The RSS after warm-up: the highest of four samples, after a second's rest (no backlog yet)."""
+    await asyncio.sleep(1.0)
+    base = []
+    for _ in range(4):
+        base.append(rss_bytes(pid))
+        await asyncio.sleep(SAMPLE_EVERY_S)
+    return max(base)
+
+
+async def sample_rss(pid: int, samples: list[int], stop: asyncio.Event, every_s: float) -> None:
+    """Append the RSS of ``pid`` to ``samples`` every ``every_s`` until ``stop`` is set."""
+    while not stop.is_set():
+        samples.append(rss_bytes(pid))
+        await asyncio.sleep(every_s)
+
+
 def bound_bytes(max_in_flight: int) -> int:
     """The allowed RSS growth: max_in_flight * PER_TASK_BYTES * SAFETY + FIXED_BYTES."""
     return max_in_flight * PER_TASK_BYTES * SAFETY + FIXED_BYTES
@@ -78,22 +95,10 @@ async def measure(kafka_bootstrap: str, prefix: str, workers, max_in_flight: int
     async with ResultFollower(kafka_bootstrap, prefix) as results:
         await produce_tasks(kafka_bootstrap, topic, tasks[:WARM_UP])
         await results.until(lambda: len(results.first) == WARM_UP, 180, alive, "the warm-up results")
-        await asyncio.sleep(1.0)
-        base = []
-        for _ in range(4):  # settled RSS before the backlog exists
-            base.append(rss_bytes(proc.pid))
-            await asyncio.sleep(SAMPLE_EVERY_S)
-        base_rss = max(base)
-
+        base_rss = await settled_rss(proc.pid)
         samples: list[int] = []
         stop = asyncio.Event()
-
-        async def sample() -> None:
-            while not stop.is_set():
-                samples.append(rss_bytes(proc.pid))
-                await asyncio.sleep(SAMPLE_EVERY_S)
-
-        sampler = asyncio.ensure_future(sample())
+        sampler = asyncio.ensure_future(sample_rss(proc.pid, samples, stop, SAMPLE_EVERY_S))
         t0 = time.monotonic()
         try:
             await produce_tasks(kafka_bootstrap, topic, tasks[WARM_UP:])
@@ -184,21 +189,10 @@ async def test_large_tasks_memory_stays_within_cap_times_record_size(kafka_boots
     async with ResultFollower(kafka_bootstrap, prefix) as results:
         await produce(kafka_bootstrap, [(topic, f"b{i}".encode(), big(i)) for i in range(20)])
         await results.until(lambda: len(results.first) == 20, 180, alive, "the warm-up results")
-        await asyncio.sleep(1.0)
-        base = []
-        for _ in range(4):  # settled RSS before the backlog exists
-            base.append(rss_bytes(proc.pid))
-            await asyncio.sleep(SAMPLE_EVERY_S)
-        base_rss = max(base)
+        base_rss = await settled_rss(proc.pid)
         samples: list[int] = []
         stop = asyncio.Event()
-
-        async def sample() -> None:
-            while not stop.is_set():
-                samples.append(rss_bytes(proc.pid))
-                await asyncio.sleep(SAMPLE_EVERY_S / 2)
-
-        sampler = asyncio.ensure_future(sample())
+        sampler = asyncio.ensure_future(sample_rss(proc.pid, samples, stop, SAMPLE_EVERY_S / 2))
         try:
             for start in range(20, 20 + LARGE_TASKS, 40):
                 await produce(kafka_bootstrap, [(topic, f"b{i}".encode(), big(i)) for i in range(start, start + 40)])

@@ -224,3 +224,24 @@ def test_remove_if_takes_matching_tasks_out_of_every_order():
     assert len(q) == 3
     assert sorted(x.item[1] for x in q.pop(10)) == [0, 2, 4]
     assert q.expire(1000.0) == [] and q.oldest_enqueued_s() is None
+
+
+@given(st.lists(st.tuples(st.sampled_from([0, 0, 0, 1, -2, 5]), st.floats(-1.0, 3.0), st.booleans()),
+                max_size=60),
+       st.lists(st.integers(1, 7), max_size=20))
+def test_pop_order_is_rank_then_arrival_whatever_mix_of_fifo_and_heap(pushes, takes):
+    """Priority-0 tasks pushed in time order take the queue's deque, the rest its heap: pops still
+    come out by effective priority (rank), ties by arrival, and each task exactly once."""
+    q: TaskQueue[int] = TaskQueue(aging_per_s=1.0)
+    now = 0.0
+    expected = []
+    for i, (priority, step, back_in_time) in enumerate(pushes):
+        now = now - abs(step) if back_in_time else now + abs(step)
+        q.push(i, now_s=now, priority=priority)
+        expected.append((-(priority - 1.0 * now), i))
+    expected.sort()
+    got = []
+    for n in takes + [len(pushes) + 1]:
+        got += [t.item for t in q.pop(n)]
+    assert got == [i for _, i in expected]
+    assert len(q) == 0 and q.oldest_enqueued_s() is None

@@ -159,6 +159,7 @@ class Rec:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: tuple = ()
 
 
 async def feed(pipeline: TaskPipeline, topic: str, partition: int, offset: int, key: bytes | None,

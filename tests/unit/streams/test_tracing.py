@@ -90,3 +90,59 @@ def test_tracing_off_records_and_forwards_nothing():
         with off.send("r", count=1):
             pass
     assert off.result_headers([("traceparent", b"00-...")]) == [] and not off.enabled
+
+
+async def test_the_pipeline_traces_each_batch_and_forwards_trace_context_to_results(traced):
+    """Through the worker's data path (streams/pipeline.py, fakes for Kafka): one ``process`` span
+    per batch linked to each traced task, a ``send`` child for its results, and each result record
+    carrying its task's ``traceparent``."""
+    from autoglm.processors.batching import FixedBatchPolicy
+    from autoglm.streams.pipeline import TaskPipeline
+    from autoglm.streams.topics import TopicNames
+
+    from .test_pipeline import TOPIC, FakeBroker, FakeRunner, Rec, rows, task_bytes
+
+    tracing, provider, exporter = traced
+    headers, contexts = producer_headers(provider, 3)
+    exporter.clear()
+    broker = FakeBroker()
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
+        policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)}, produce=broker.produce,
+        ack=lambda tp, position: None, max_in_flight=100, tracing=tracing, group_id="t-workers",
+    )
+    pipeline.on_records(TOPIC, 0, [Rec(i, f"k{i}".encode(), task_bytes(f"k{i}", rows(i)), headers[i])
+                                   for i in range(3)])
+    pipeline.start()
+    await pipeline.stop()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    process, send = spans["process t.tasks.toy"], spans["send t.results"]
+    assert process.kind == SpanKind.CONSUMER and send.kind == SpanKind.PRODUCER
+    assert [link.context.span_id for link in process.links] == [c.span_id for c in contexts]
+    assert [link.attributes["messaging.kafka.offset"] for link in process.links] == [0, 1, 2]
+    assert process.attributes["messaging.consumer.group.name"] == "t-workers"
+    assert process.attributes["messaging.batch.message_count"] == 3
+    assert send.parent.span_id == process.context.span_id
+    assert send.attributes["messaging.batch.message_count"] == 3
+    for i, sent in enumerate(broker.sent):
+        assert dict(sent.headers)["traceparent"] == dict(headers[i])["traceparent"]
+
+
+async def test_tracing_off_writes_no_headers_and_makes_no_spans():
+    from autoglm.processors.batching import FixedBatchPolicy
+    from autoglm.streams.pipeline import TaskPipeline
+    from autoglm.streams.topics import TopicNames
+
+    from .test_pipeline import TOPIC, FakeBroker, FakeRunner, Rec, rows, task_bytes
+
+    broker = FakeBroker()
+    pipeline = TaskPipeline(
+        names=TopicNames("t"), worker_id="w", runners={"toy": FakeRunner()},
+        policies={"toy": FixedBatchPolicy(max_batch_size=8, max_wait_s=0.0)}, produce=broker.produce,
+        ack=lambda tp, position: None, max_in_flight=100,
+    )
+    assert not pipeline.tracing.enabled
+    pipeline.on_records(TOPIC, 0, [Rec(0, b"k", task_bytes("k", rows(0)), [("traceparent", b"00-x-y-01")])])
+    pipeline.start()
+    await pipeline.stop()
+    assert [s.headers for s in broker.sent] == [[]]
