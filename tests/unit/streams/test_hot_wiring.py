@@ -63,6 +63,7 @@ class Rec:
     offset: int
     key: bytes | None
     value: bytes | None
+    headers: tuple = ()
 
 
 # -- the consumer's bounds -------------------------------------------------------------------
