@@ -37,8 +37,9 @@ per round (L of the same round), and ratios to the lean aiokafka loop. With
 ``--embedded`` (default on in a full run) the worker and the lean loop also
 drain ``digits-linear`` once on the embedded broker (Tansu), as ``autoglm
 demo`` runs. Output: ``benchmarks/results/<stamp>-throughput.json`` and
-``-throughput.png``; ``--update-readme`` rewrites the figure O/T section of
-``benchmarks/README.md``.
+``-throughput.png`` (while it runs, ``-throughput.partial.json`` after every drain:
+``--report`` summarizes one of a run that was stopped); ``--update-readme``
+rewrites the figure O/T section of ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -219,23 +220,23 @@ def tasks_for(model: str, c: Candidate, tasks: int, minilm_tasks: int) -> int:
 
 def run_all(*, bootstrap: str, broker: str, models: list[str], candidates: list[Candidate], rounds: int,
             tasks: int, minilm_tasks: int, partitions: int, torch_threads: int, sizes: str, logs: Path,
-            bar_factory, say) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
-    """Every round: per model, figure L, then one drain per candidate in a rotated order."""
-    drains, limits = [], {m: [] for m in models}
+            bar_factory, say, drains: list[dict[str, Any]], limits: dict[str, list[dict[str, Any]]],
+            checkpoint) -> None:
+    """Every round: per model, figure L, then one drain per candidate in a rotated order; appended
+    to ``drains`` and ``limits``, ``checkpoint()`` called after each (a long run keeps what it did)."""
     for r in range(rounds):
         for model in models:
             limit = offline_limit(model, torch_threads, sizes)
-            limits[model].append(limit)
+            limits.setdefault(model, []).append(limit)
             best = max(limit.items(), key=lambda kv: kv[1]["items_per_s"])
             say(f"r{r + 1} {model}: L = {best[1]['items_per_s']:.0f}/s at batch {best[0]}")
             order = candidates[r % len(candidates):] + candidates[:r % len(candidates)]
             for c in order:
-                d = drain(c, model=model, n=tasks_for(model, c, tasks, minilm_tasks), bootstrap=bootstrap,
-                          broker=broker, partitions=partitions, torch_threads=torch_threads, round_=r,
-                          logs=logs, bar_factory=bar_factory)
-                drains.append(d)
-                say(describe(d))
-    return drains, limits
+                drains.append(drain(c, model=model, n=tasks_for(model, c, tasks, minilm_tasks), bootstrap=bootstrap,
+                                    broker=broker, partitions=partitions, torch_threads=torch_threads, round_=r,
+                                    logs=logs, bar_factory=bar_factory))
+                say(describe(drains[-1]))
+                checkpoint()
 
 
 def describe(d: dict[str, Any]) -> str:
@@ -300,13 +301,21 @@ def main(
                      "tasks": tasks, "minilm_tasks": minilm_tasks, "partitions": partitions,
                      "poll_s": POLL_S},
     }
+    name = f"{stamp}-throughput" + ("-smoke" if smoke else "")
+    partial = out_dir / f"{name}.partial.json"
+    report["drains"], report["limits"] = [], {}
+
+    def checkpoint() -> None:
+        partial.write_text(json.dumps(report, indent=1))
+
     common = dict(candidates=chosen, rounds=rounds, tasks=tasks, minilm_tasks=minilm_tasks, partitions=partitions,
-                  torch_threads=torch_threads, sizes=sizes, bar_factory=bar_factory, say=tqdm.write)
+                  torch_threads=torch_threads, sizes=sizes, bar_factory=bar_factory, say=tqdm.write,
+                  drains=report["drains"], limits=report["limits"], checkpoint=checkpoint)
     with tempfile.TemporaryDirectory(prefix="autoglm-tput-") as tmp:
         logs = Path(tmp)
         if bootstrap:
             report["broker"] = f"Apache Kafka at {bootstrap}"
-            drains, limits = run_all(bootstrap=bootstrap, broker=KAFKA_NAME, models=model_list, logs=logs, **common)
+            run_all(bootstrap=bootstrap, broker=KAFKA_NAME, models=model_list, logs=logs, **common)
         else:
             from benchmarks.control import start_kafka, stop_kafka
 
@@ -314,23 +323,21 @@ def main(
             address, port = start_kafka(logs / "kafka")
             try:
                 report["broker"] = KAFKA_NAME
-                drains, limits = run_all(bootstrap=address, broker=KAFKA_NAME, models=model_list, logs=logs,
-                                         **common)
+                run_all(bootstrap=address, broker=KAFKA_NAME, models=model_list, logs=logs, **common)
             finally:
                 stop_kafka(port, logs / "kafka")
         if embedded:
             from autoglm.streams.embedded import EmbeddedBroker
 
-            with EmbeddedBroker() as tansu:
-                more, _ = run_all(bootstrap=tansu.bootstrap_servers, broker=EMBEDDED_NAME, models=["digits-linear"],
-                                  logs=logs, **{**common, "rounds": 1,
-                                                "candidates": [CANDIDATES["worker"], CANDIDATES["lean"]]})
-                drains += more
-    report["limits"], report["drains"] = limits, drains
+            with EmbeddedBroker() as tansu:  # its own figure L is not kept: T/L pairs with Apache Kafka's
+                run_all(bootstrap=tansu.bootstrap_servers, broker=EMBEDDED_NAME, models=["digits-linear"],
+                        logs=logs, **{**common, "rounds": 1, "limits": {},
+                                      "candidates": [CANDIDATES["worker"], CANDIDATES["lean"]]})
+    drains, limits = report["drains"], report["limits"]
     report["summary"] = summarize(drains, limits)
-    name = f"{stamp}-throughput" + ("-smoke" if smoke else "")
     out = out_dir / f"{name}.json"
     out.write_text(json.dumps(report, indent=1))
+    partial.unlink(missing_ok=True)
     plot(report, out_dir / f"{name}.png")
     print(table(report))
     tqdm.write(f"wrote {out}")
