@@ -163,10 +163,36 @@ CODEC: list[Candidate] = [
     Candidate("plain decode: orjson + base64 + np.frombuffer", "benchmarks.overhead:plain_decode",
               lambda f, c: lambda: [f(r) for r in c.tasks], baseline=True),
     Candidate("decode_task", "autoglm.streams.events:decode_task", lambda f, c: lambda: [f(r) for r in c.tasks]),
+    # the worker's call: the same validation, NaN/inf checked once per poll (streams/pipeline.py)
+    Candidate("decode_task(check_finite=False) + one all_finite per batch", "benchmarks.overhead:worker_decode",
+              lambda f, c: lambda: f(c.tasks)),
     Candidate("plain encode: orjson.dumps", "benchmarks.overhead:plain_encode",
               lambda f, c: lambda: [f(r) for r in c.results], baseline=True),
     Candidate("encode_result", "autoglm.streams.events:encode_result", lambda f, c: lambda: [f(r) for r in c.results]),
+    # the worker's call for ok results: the fields a batch shares serialised once (streams/results.py)
+    Candidate("BatchResultEncoder.encode (one encoder per batch)", "benchmarks.overhead:worker_encode",
+              lambda f, c: lambda: f(c.results)),
 ]
+
+
+def worker_decode(raws: list[bytes]) -> list[Any]:
+    """Decode a batch of task records as the worker does: per task without the NaN/inf check, then
+    one vectorised check of the batch's arrays."""
+    from autoglm.streams.events import decode_task
+    from autoglm.streams.results import all_finite
+
+    tasks = [decode_task(r, check_finite=False) for r in raws]
+    all_finite([t.inputs for t in tasks if isinstance(t.inputs, np.ndarray)])
+    return tasks
+
+
+def worker_encode(results: list[Any]) -> list[bytes]:
+    """Encode a batch's ok results as the worker does: one shared prefix, then per-task fields."""
+    from autoglm.streams.results import BatchResultEncoder
+
+    first = results[0]
+    encoder = BatchResultEncoder(first.model, first.worker, first.batch_size, first.inference_ms)
+    return [encoder.encode(r.id, r.outputs, r.queue_ms, r.end_to_end_ms, r.attributes) for r in results]
 
 
 # -- measuring -----------------------------------------------------------------------------------
