@@ -67,5 +67,25 @@ def test_summary_overhead_is_the_difference_of_median_us_per_item():
 def test_codec_candidates_group_under_their_baseline():
     heads = [(head, [c.name for c in members]) for head, members in groups(CODEC)]
     assert [h for h, _ in heads] == [c.name for c in CODEC if c.baseline]
-    assert heads[0][1] == ["plain decode: orjson + base64 + np.frombuffer", "decode_task"]
-    assert heads[1][1] == ["plain encode: orjson.dumps", "encode_result"]
+    assert heads[0][1] == ["plain decode: orjson + base64 + np.frombuffer", "decode_task",
+                           "decode_task(check_finite=False) + one all_finite per batch"]
+    assert heads[1][1] == ["plain encode: orjson.dumps", "encode_result",
+                           "BatchResultEncoder.encode (one encoder per batch)"]
+
+
+def test_the_workers_codec_calls_agree_with_the_plain_ones():
+    """The worker's batch decode and encode give what decode_task and encode_result give."""
+    import numpy as np
+
+    from autoglm.streams.events import Result, Task, decode_result, decode_task, encode_result, encode_task
+    from benchmarks.overhead import worker_decode, worker_encode
+
+    raws = [encode_task(Task(id=f"t{i}", model="digits", inputs=np.full((1, 64), i, np.float32))) for i in range(3)]
+    assert [t.inputs.tolist() for t in worker_decode(raws)] == [decode_task(r).inputs.tolist() for r in raws]
+    results = [Result(id=f"t{i}", model="digits", status="ok", outputs=np.full((1, 10), i / 7, np.float32),
+                      batch_size=3, worker="w", queue_ms=1.5, inference_ms=0.25, end_to_end_ms=2.0) for i in range(3)]
+    for fast, plain in zip(worker_encode(results), [encode_result(r) for r in results]):
+        a, b = decode_result(fast), decode_result(plain)
+        assert (a.id, a.status, a.batch_size, a.worker, a.queue_ms, a.end_to_end_ms) == (
+            b.id, b.status, b.batch_size, b.worker, b.queue_ms, b.end_to_end_ms)
+        assert np.array_equal(a.outputs, b.outputs) and a.outputs.dtype == b.outputs.dtype
