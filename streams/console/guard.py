@@ -27,7 +27,9 @@ from autoglm.processors.control import CONFIGURE_PARAMS, check_configure_params
 COOKIE_NAME = "autoglm_console"
 CSRF_HEADER = "X-AutoGLM-Console"
 #: Commands the page may publish (``status`` is the CLI's; load/unload come with the model repository).
-PAGE_COMMANDS = ("pause", "resume", "drain", "configure")
+PAGE_COMMANDS = ("pause", "resume", "drain", "configure", "load", "unload", "reload")
+#: commands that act on one model of the repository (README "Serve your own model")
+MODEL_PAGE_COMMANDS = ("load", "unload", "reload")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
@@ -127,6 +129,8 @@ def parse_control_form(doc: Any) -> tuple[str, dict[str, str], dict[str, Any]]:
         target[name] = value
     if command == "drain" and "model" in target:
         raise ValueError("drain applies to whole workers, not to one model")
+    if command in MODEL_PAGE_COMMANDS and "model" not in target:
+        raise ValueError(f"{command} needs a model name")
     raw_params = doc.get("params") or {}
     if not isinstance(raw_params, dict):
         raise ValueError("params must be an object")

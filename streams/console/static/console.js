@@ -70,7 +70,8 @@ function setupForm() {
   const form = $("#control-form");
   const toggle = () => {
     $("#configure-fields").disabled = $("#control-command").value !== "configure";
-    $("#control-model").disabled = $("#control-command").value === "drain";
+    $("#control-model").disabled = ["drain", "load"].includes($("#control-command").value);
+    $("#control-model-name").disabled = $("#control-command").value !== "load";
   };
   $("#control-command").addEventListener("change", toggle);
   toggle();
@@ -78,7 +79,8 @@ function setupForm() {
     ev.preventDefault();
     const data = new FormData(form);
     const command = data.get("command");
-    const body = { command, model: command === "drain" ? "" : data.get("model") || "", worker: data.get("worker") || "" };
+    const model = command === "drain" ? "" : command === "load" ? (data.get("model_name") || "").trim() : data.get("model") || "";
+    const body = { command, model, worker: data.get("worker") || "" };
     if (command === "configure") {
       body.params = {};
       for (const name of ["latency_target_s", "max_batch_size", "max_wait_s", "mode"]) {

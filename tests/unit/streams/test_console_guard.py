@@ -91,8 +91,16 @@ def test_same_message_as_ctl_configure():
     ({"command": "delete"}, "unknown command"),
     ({"command": "drain", "model": "digits"}, "drain applies to whole workers"),
     ({"command": "pause", "params": {"max_batch_size": 1}}, "pause takes no parameters"),
+    ({"command": "load", "model": ""}, "load needs a model name"),
+    ({"command": "unload"}, "unload needs a model name"),
     ([1, 2], "JSON object"),
 ])
 def test_bad_requests(doc, message):
     with pytest.raises(ValueError, match=message):
         parse_control_form(doc)
+
+
+def test_load_unload_and_reload_name_one_model():
+    for command in ("load", "unload", "reload"):
+        assert parse_control_form({"command": command, "model": "ranker", "worker": "w1"}) == (
+            command, {"model": "ranker", "worker": "w1"}, {})
