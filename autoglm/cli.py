@@ -76,9 +76,9 @@ def worker(
     max_wait_s: Optional[float] = typer.Option(None, help="seconds a batch may wait for more tasks (fixed mode always, adaptive only while over its target); env AUTOGLM_MAX_WAIT_S (default 0.05 adaptive, 0.01 fixed)"),
     metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on 127.0.0.1:PORT; env AUTOGLM_METRICS_PORT"),
     max_in_flight: Optional[int] = typer.Option(None, help="tasks in flight at most (backpressure); env AUTOGLM_MAX_IN_FLIGHT"),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda; env AUTOGLM_DEVICE"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N; env AUTOGLM_DEVICE"),
     worker_id: Optional[str] = typer.Option(None, help="id written into results; env AUTOGLM_WORKER_ID"),
-    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING; env AUTOGLM_LOG_LEVEL"),
+    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR; env AUTOGLM_LOG_LEVEL"),
 ) -> None:
     """Serve models: consume task topics, micro-batch, infer, publish results.
 

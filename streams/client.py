@@ -245,6 +245,7 @@ class Client:
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task | None = None
         self._waiting: dict[str, asyncio.Future] = {}
+        self._known_topics: set[str] = set()  # task topics seen to exist
         self._started = False
         self._start_lock: asyncio.Lock | None = None  # made on the running loop
 
@@ -264,6 +265,24 @@ class Client:
         async with self._start_lock:  # concurrent first calls set up one consumer, not one each
             if not self._started:
                 await self._start()
+
+    async def _check_task_topic(self, model: str) -> None:
+        """Fail at once, with the reason, when no worker created ``model``'s task topic (a producer
+        would wait for its metadata until its request timeout, logging every retry).
+
+        Raises:
+            TopicMissingError: the topic does not exist (checked once per model and client).
+        """
+        topic = self.names.tasks(model)
+        if topic in self._known_topics:
+            return
+        try:
+            await partitions_of(self._bootstrap, topic, timeout_s=3.0, client_kwargs=self._kwargs)
+        except TopicMissingError:
+            raise TopicMissingError(
+                f"topic {topic!r} does not exist: is a worker serving model {model!r} with prefix "
+                f"{self.names.prefix!r}? (workers create their models' task topics at start)") from None
+        self._known_topics.add(topic)
 
     async def _start(self) -> None:
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -406,6 +425,7 @@ class Client:
         """
         await self.start()
         assert self._producer is not None
+        await self._check_task_topic(model)
         loop = asyncio.get_running_loop()
         created = now_ms()
         deadline_ms = None if deadline_s is None else created + int(deadline_s * 1000)

@@ -9,6 +9,7 @@ rows that fell into shared batches.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ import torch
 from aiokafka.admin import AIOKafkaAdminClient
 
 from autoglm import Client, SyncClient
-from autoglm.errors import TaskExpiredError, TaskRejectedError
+from autoglm.errors import TaskExpiredError, TaskRejectedError, TopicMissingError
 from tests.unit.models import repo_fixtures as rf
 
 from .kafka_io import create_topics
@@ -92,6 +93,10 @@ async def test_the_client_matches_1000_concurrent_calls_raises_expired_and_leave
     with pytest.raises(TaskExpiredError) as info:
         await client.infer("tiny", x[:1], deadline_s=-1.0, timeout_s=30)
     assert info.value.code == "deadline" and info.value.status == "expired"
+    started = time.monotonic()
+    with pytest.raises(TopicMissingError, match="is a worker serving model 'tinny'"):
+        await client.infer("tinny", x[:1], timeout_s=60)  # a mistyped model: told at once, not after 40 s
+    assert time.monotonic() - started < 15
     topic = client.reply_topic
     await client.close()
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
