@@ -105,7 +105,12 @@ def warm_up(model: InferenceModel, spec: ModelSpec) -> Outputs:
     except ModelSpecError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"model {spec.name!r} ({spec.source}): warm-up forward failed: {exc!r}") from exc
+        key = "warmup" if spec.warmup_inputs is not None else "inputs"
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1][:300] if lines else ""  # a TorchScript error ends with the reason
+        raise ModelLoadError(
+            f"model {spec.name!r} ({spec.source}): key {key!r}: the warm-up forward on the declared "
+            f"{key} failed (check their dtype and shape against the model): {type(exc).__name__}: {last}") from exc
     problems = output_problems(spec.outputs, out, rows)
     if problems:
         key, expected, actual = problems[0]
