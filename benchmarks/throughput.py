@@ -246,8 +246,15 @@ def describe(d: dict[str, Any]) -> str:
     if not d["complete"]:
         return (f"  {d['candidate']:>10} {d['model']}: INCOMPLETE {d['unique']}/{d['tasks']} "
                 f"(exit {d['exit_code']}): {d.get('log_tail', '')[-400:]}")
-    return (f"  {d['candidate']:>10} {d['model']}: {f['tasks_per_s']:8.0f} tasks/s  {f['cpu_us_per_task']:6.0f} "
-            f"us/task  ({d['tasks']} tasks, {d['duplicates']} dup, committed {d['committed']})")
+    return (f"  {d['candidate']:>10} {d['model']}: {_figure(f['tasks_per_s'], 8)} tasks/s  "
+            f"{_figure(f['cpu_us_per_task'], 6)} us/task  ({d['tasks']} tasks, {d['duplicates']} dup, "
+            f"committed {d['committed']})")
+
+
+def _figure(value: float | None, width: int) -> str:
+    """A figure right-aligned in ``width``; ``-`` when the drain was too short to give one (a smoke
+    drain of the batch-native worker can finish between two 10 ms CPU clock ticks)."""
+    return f"{value:{width}.0f}" if value is not None else "-".rjust(width)
 
 
 @app.command()
