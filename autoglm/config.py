@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from autoglm.errors import ConfigError
+from autoglm.processors import tunables
 from autoglm.processors.adaptive import ADAPTIVE_MAX_BATCH_SIZE, ADAPTIVE_MAX_WAIT_S
 
 ENV_PREFIX = "AUTOGLM_"
@@ -111,10 +112,12 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     torch_threads: int | None = Field(default=None, ge=1)
     batching_mode: str = Field(default="adaptive", pattern=r"^(adaptive|fixed)$")
-    latency_target_s: float = Field(default=0.100, gt=0.0, le=3600.0)
+    # ranges: processors/tunables.py, the same for the control plane's configure and the policies
+    latency_target_s: float = Field(default=0.100, gt=tunables.LATENCY_TARGET_S.low, le=tunables.LATENCY_TARGET_S.high)
     #: defaults by mode (adaptive 256 / 0.050 s, fixed 32 / 0.010 s), see _bounds_by_mode
-    max_batch_size: int = Field(default=ADAPTIVE_MAX_BATCH_SIZE, ge=1, le=65_536)
-    max_wait_s: float = Field(default=ADAPTIVE_MAX_WAIT_S, ge=0.0, le=60.0)
+    max_batch_size: int = Field(default=ADAPTIVE_MAX_BATCH_SIZE, ge=tunables.MAX_BATCH_SIZE.low,
+                                le=tunables.MAX_BATCH_SIZE.high)
+    max_wait_s: float = Field(default=ADAPTIVE_MAX_WAIT_S, ge=tunables.MAX_WAIT_S.low, le=tunables.MAX_WAIT_S.high)
     aging_per_s: float = Field(default=1.0, ge=0.0)
     metrics_port: int | None = Field(default=None, ge=0, le=65_535)
     #: the address the Prometheus endpoint binds: loopback by default, 0.0.0.0 in containers

@@ -241,3 +241,17 @@ def test_settings_errors_never_print_secrets():
     with pytest.raises(ConfigError) as info:  # a field error on a secret
         load_settings(control_key="short-secret")
     assert "short-secret" not in str(info.value)
+
+
+def test_batching_ranges_are_the_tunables_ranges():
+    """One source for each range (processors/tunables.py): the settings accept exactly its bounds."""
+    from autoglm.processors import tunables
+
+    for tunable in tunables.TUNABLES.values():
+        high = tunable.high
+        assert getattr(load_settings(**{tunable.name: high}), tunable.name) == high
+        with pytest.raises(ConfigError, match=tunable.name):
+            load_settings(**{tunable.name: high * 2})
+        tunable.check(high)
+        with pytest.raises(ValueError):
+            tunable.check(high * 2)
