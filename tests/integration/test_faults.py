@@ -274,8 +274,9 @@ async def test_rebalance_hands_each_partition_over_once(kafka_bootstrap, prefix,
     past the rebalance timeout the coordinator evicted the worker and gave its partitions to the
     other one while it kept serving them (105 worker switches on one partition, 128 duplicates).
     Duplicates are printed, not asserted: a rare one remains (see the report of issue 5)."""
-    n = 12_000
-    # draining 8192 queued tasks one per batch takes well over 3 s on any machine (>= 1 ms per batch)
+    n = 40_000  # the batch-native worker serves one-task batches at thousands per second: a backlog of
+    # 12,000 was gone before the second worker joined
+    # draining 8192 queued tasks one per batch takes well over 3 s on any machine (>= 0.3 ms per batch)
     settings = {**SLOW, "max_batch_size": "1", "max_in_flight": "8192", "rebalance_timeout_s": "3"}
     task_topic = f"{prefix}.tasks.digits"
     await create_topics(kafka_bootstrap, prefix)
@@ -283,8 +284,8 @@ async def test_rebalance_hands_each_partition_over_once(kafka_bootstrap, prefix,
     first = workers.start(kafka_bootstrap, prefix, "digits", **settings)
     await wait_stable(kafka_bootstrap, f"{prefix}-workers", 1, 120)
     positions: dict[str, tuple[int, int]] = {}
-    for i in range(0, n, 400):
-        positions.update(await produce_tasks(kafka_bootstrap, task_topic, tasks[i : i + 400]))
+    for i in range(0, n, 2000):  # published faster than one-task batches are served: a backlog builds
+        positions.update(await produce_tasks(kafka_bootstrap, task_topic, tasks[i : i + 2000]))
         await asyncio.sleep(0.1)
     async with ResultFollower(kafka_bootstrap, prefix) as results:
         partitions = {p for p, _ in positions.values()}
