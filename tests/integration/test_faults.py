@@ -311,7 +311,8 @@ async def test_graceful_rebalances_serve_no_task_twice(kafka_bootstrap, prefix, 
 
     COMMIT_INTERVAL_S=0.05 keeps a periodic commit in flight much of the time: the commit a worker
     makes before it gives up its partitions must still cover every task acknowledged so far."""
-    n = 30_000  # one task per batch: three workers need over a minute for it on a 2-core machine
+    n = 60_000  # one task per batch: the batch-native worker serves thousands a second, so a backlog
+    # that outlasts three joins and stops needs tens of thousands of tasks
     settings = {**SLOW, "max_batch_size": "1", "commit_interval_s": "0.05"}
     group, task_topic = f"{prefix}-workers", f"{prefix}.tasks.digits"
     await create_topics(kafka_bootstrap, prefix)
