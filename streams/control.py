@@ -547,6 +547,10 @@ class ControlClient:
     async def __aexit__(self, *exc: object) -> None:
         await self._close()
 
+    async def close(self) -> None:
+        """Stop the producer and the status reader (what leaving ``async with`` does)."""
+        await self._close()
+
     async def _close(self) -> None:
         if self._producer is not None:
             await self._producer.stop()

@@ -86,7 +86,7 @@ class ConsoleFeed:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
-            await self._client.__aexit__(None, None, None)
+            await self._client.close()
             self._client = None
 
     async def send(self, command: str, target: Mapping[str, str], params: Mapping[str, Any]) -> ControlEvent:
