@@ -182,7 +182,11 @@ ctl = typer.Typer(
 )
 app.add_typer(ctl, name="ctl")
 
-ModelOpt = typer.Option(None, "--model", "-m", help="only this model's stream (default: every model)")
+ModelOpt = typer.Option(None, "--model", "-m", help="only this model's streams: its own topic and every pipeline "
+                                                    "step running it, or one step as PIPELINE/STEP (default: all)")
+PipelineOpt = typer.Option(None, "--pipeline", "-p", help="only the steps of this pipeline (with --model: those "
+                                                          "running that model)")
+StepOpt = typer.Option(None, "--step", help="only this step of --pipeline")
 WorkerOpt = typer.Option(None, "--worker", "-w", help="only this worker id (default: every worker)")
 WaitOpt = typer.Option(False, "--wait", help="return when every live worker has acknowledged; exit 1 naming "
                                               "the workers that did not within --timeout-s")
@@ -192,7 +196,7 @@ JsonOpt = typer.Option(False, "--json", help="print the outcome as one JSON obje
 
 def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wait: bool, timeout_s: float,
              as_json: bool, bootstrap_servers: Optional[str], prefix: Optional[str],
-             params: Optional[dict] = None) -> None:
+             params: Optional[dict] = None, pipeline: Optional[str] = None, step: Optional[str] = None) -> None:
     from autoglm.streams.control import ControlClient
 
     settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
@@ -202,7 +206,7 @@ def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wa
         async with ControlClient(servers, prefix=settings.topic_prefix, key=settings.control_key_bytes,
                                  client_kwargs=_kafka_kwargs(settings)) as client:
             return await client.command(command, model=model, worker=worker_id, params=params, wait=wait,
-                                        timeout_s=timeout_s)
+                                        timeout_s=timeout_s, pipeline=pipeline, step=step)
 
     try:
         outcome = asyncio.run(go())
@@ -252,21 +256,23 @@ def _print_outcome(outcome, *, wait: bool, as_json: bool) -> None:
 
 
 @ctl.command("pause")
-def ctl_pause(model: Optional[str] = ModelOpt, worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
+def ctl_pause(model: Optional[str] = ModelOpt, pipeline: Optional[str] = PipelineOpt, step: Optional[str] = StepOpt,
+              worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
               timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
               bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
     """Stop fetching tasks (in-flight tasks finish and commit). Survives rebalances and restarts."""
     _control("pause", model=model, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
-             bootstrap_servers=bootstrap_servers, prefix=prefix)
+             bootstrap_servers=bootstrap_servers, prefix=prefix, pipeline=pipeline, step=step)
 
 
 @ctl.command("resume")
-def ctl_resume(model: Optional[str] = ModelOpt, worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
+def ctl_resume(model: Optional[str] = ModelOpt, pipeline: Optional[str] = PipelineOpt, step: Optional[str] = StepOpt,
+              worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt,
                timeout_s: float = TimeoutOpt, as_json: bool = JsonOpt,
                bootstrap_servers: Optional[str] = BootstrapOpt, prefix: Optional[str] = PrefixOpt) -> None:
-    """Fetch again; without --model it also ends a drain."""
+    """Fetch again; without --model/--pipeline it also ends a drain."""
     _control("resume", model=model, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
-             bootstrap_servers=bootstrap_servers, prefix=prefix)
+             bootstrap_servers=bootstrap_servers, prefix=prefix, pipeline=pipeline, step=step)
 
 
 @ctl.command("drain")
@@ -281,6 +287,8 @@ def ctl_drain(worker_id: Optional[str] = WorkerOpt, wait: bool = WaitOpt, timeou
 @ctl.command("configure")
 def ctl_configure(
     model: Optional[str] = ModelOpt,
+    pipeline: Optional[str] = PipelineOpt,
+    step: Optional[str] = StepOpt,
     worker_id: Optional[str] = WorkerOpt,
     latency_target_s: Optional[float] = typer.Option(None, help="p99 end-to-end target of the adaptive batcher, s"),
     max_batch_size: Optional[int] = typer.Option(None, help="tasks per micro-batch at most"),
@@ -293,7 +301,7 @@ def ctl_configure(
     params = {k: v for k, v in (("latency_target_s", latency_target_s), ("max_batch_size", max_batch_size),
                                 ("max_wait_s", max_wait_s), ("mode", mode)) if v is not None}
     _control("configure", model=model, worker_id=worker_id, wait=wait, timeout_s=timeout_s, as_json=as_json,
-             bootstrap_servers=bootstrap_servers, prefix=prefix, params=params)
+             bootstrap_servers=bootstrap_servers, prefix=prefix, params=params, pipeline=pipeline, step=step)
 
 
 @ctl.command("status")

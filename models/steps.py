@@ -52,16 +52,31 @@ async def execute_step(runner: StepRunner, inputs: Sequence[Any], output_names: 
     out: list[dict[str, Any] | StepError | None] = [None] * len(inputs)
     prepared, where = [], []
     for i, item in enumerate(inputs):
-        try:
-            prepared.append(runner.model.prepare(item))
+        got = prepare_step(runner.model, item)
+        if isinstance(got, StepError):
+            out[i] = got
+        else:
+            prepared.append(got)
             where.append(i)
-        except EventError as exc:
-            out[i] = StepError(exc.code, str(exc))
     if prepared:
         outcomes = await runner.run_isolated(prepared, timeout_s=timeout_s)
         for i, outcome in zip(where, outcomes):
-            if outcome.error is not None:
-                out[i] = StepError(outcome.error.code, outcome.error.message)
-            else:
-                out[i] = name_outputs(outcome.output, output_names)
+            out[i] = step_outputs(outcome, output_names)
     return [o for o in out if o is not None]
+
+
+def prepare_step(model: InferenceModel, inputs: Any) -> Any:
+    """One task's step inputs checked and prepared by the model (``model.prepare``), or the
+    :class:`StepError` saying why the model refuses them (its code, e.g. ``input_signature``)."""
+    try:
+        return model.prepare(inputs)
+    except EventError as exc:
+        return StepError(exc.code, str(exc))
+
+
+def step_outputs(outcome: ItemOutcome, output_names: Sequence[str]) -> dict[str, Any] | StepError:
+    """One task's outcome of a step's micro-batch: its outputs named after the model's declared
+    outputs, or a :class:`StepError` with the model's error code (e.g. ``inference``)."""
+    if outcome.error is not None:
+        return StepError(outcome.error.code, outcome.error.message)
+    return name_outputs(outcome.output, output_names)

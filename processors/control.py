@@ -28,6 +28,12 @@ Semantics (the README's "Control plane" section says the same to users):
   unset or equal to its id); a ``target.model`` it does not serve changes
   nothing but is still acknowledged, so ``ctl --wait`` hears from every live
   worker.
+- A worker serves **streams** (:class:`Stream`): a model's task topic, or one
+  step of a pipeline (its input topic or intermediate topic). ``target.model``
+  selects the streams of that model (the model's own and every pipeline step
+  that runs it, or a step by its stream name ``<pipeline>/<step>``);
+  ``target.pipeline`` every step of that pipeline; ``target.step`` (with
+  ``target.pipeline``) one step. Targets combine with "and".
 - Replay protection: an event id already applied is ignored; a state event
   issued (``issued_ms``) before the last one applied for the same key is
   ignored as stale. Together with the signature (which covers ``id`` and
@@ -66,6 +72,37 @@ class ControlEventLike(Protocol):
     issued_ms: int
 
 
+#: the keys a control event's ``target`` may have
+TARGET_KEYS = ("model", "worker", "pipeline", "step")
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """What one served stream is: the model it runs and, for a pipeline step, the pipeline and step.
+
+    A model served on its own task topic is ``Stream(model)``; step ``s`` of pipeline ``p`` running model
+    ``m`` is ``Stream(m, p, s)``, served under the name ``p/s`` (:func:`stream_name`).
+    """
+
+    model: str
+    pipeline: str | None = None
+    step: str | None = None
+
+    def matches(self, name: str, target: Mapping[str, str]) -> bool:
+        """Whether a control ``target`` selects this stream (served as ``name``); see the module."""
+        model, pipeline, step = target.get("model"), target.get("pipeline"), target.get("step")
+        if model is not None and model != name and model != self.model:
+            return False
+        if pipeline is not None and pipeline != self.pipeline:
+            return False
+        return step is None or step == self.step
+
+
+def stream_name(pipeline: str, step: str) -> str:
+    """The name a worker serves step ``step`` of pipeline ``pipeline`` under (status, metrics, control)."""
+    return f"{pipeline}/{step}"
+
+
 def control_key(command: str, target: Mapping[str, str], params: Mapping[str, Any] | None = None) -> str:
     """The record key of a control event: the compaction slot it supersedes.
 
@@ -80,6 +117,8 @@ def control_key(command: str, target: Mapping[str, str], params: Mapping[str, An
     """
     worker = target.get("worker") or "*"
     model = target.get("model") or "*"
+    if target.get("pipeline"):  # a pipeline's (or one step's) slot, beside the model's
+        model += f"@{target['pipeline']}" + (f".{target['step']}" if target.get("step") else "")
     if command in ("pause", "resume"):
         return f"run/{worker}/{model}"
     if command in MODEL_COMMANDS:
@@ -148,7 +187,9 @@ class ControlState:
 
     Args:
         worker_id: this worker's id (matched against ``target.worker``).
-        models: the models this worker serves.
+        models: the streams this worker serves, by name (a model's name, or ``<pipeline>/<step>``).
+        streams: name -> :class:`Stream` for the pipeline steps among ``models`` (a name not in it is
+            a model served on its own topic).
         seen_ids_max: applied event ids remembered for replay protection
             (oldest forgotten first).
 
@@ -164,9 +205,11 @@ class ControlState:
             (the version a worker should serve; 0 for a model served from start).
     """
 
-    def __init__(self, worker_id: str, models: Iterable[str], *, seen_ids_max: int = SEEN_IDS_MAX):
+    def __init__(self, worker_id: str, models: Iterable[str], *, streams: Mapping[str, Stream] | None = None,
+                 seen_ids_max: int = SEEN_IDS_MAX):
         self.worker_id = worker_id
         self.models = tuple(models)
+        self.streams: dict[str, Stream] = {m: (streams or {}).get(m) or Stream(m) for m in self.models}
         self.ready = False
         self.draining = False
         self.drained = False
@@ -203,7 +246,9 @@ class ControlState:
             "drained": self.drained,
             "models": {
                 m: {"paused": self._paused[m], "loaded": self._loaded[m], "fetching": not self.is_paused(m),
-                    "params": dict(self.params[m]), "generation": self.generation[m]}
+                    "params": dict(self.params[m]), "generation": self.generation[m],
+                    **({"pipeline": self.streams[m].pipeline, "step": self.streams[m].step,
+                        "runs": self.streams[m].model} if self.streams[m].pipeline else {})}
                 for m in self.models
             },
         }
@@ -236,14 +281,15 @@ class ControlState:
                 return Decision("ignored", ack=not replay,
                                 reason=f"stale: issued at {event.issued_ms} ms, before the last {key!r} at {last} ms")
         model = event.target.get("model")
-        served = [m for m in self.models if model is None or m == model]
-        note = "" if served else f"model {model!r} is not served by this worker"
+        streams = self.streams
+        served = [m for m in self.models if streams[m].matches(m, event.target)]
+        note = "" if served else f"{_described(event.target)} is not served by this worker"
         if event.command in ("pause", "resume"):
             self._last_issued_ms[key] = event.issued_ms
             paused = event.command == "pause"
             for m in served:
                 self._paused[m] = paused
-            if not paused and model is None:
+            if not paused and not any(event.target.get(k) for k in ("model", "pipeline", "step")):
                 self.draining = self.drained = False
             self.applied += 1
             return Decision("ok", ack=not replay, reason=note, models=tuple(served))
@@ -270,6 +316,9 @@ class ControlState:
         if not model:
             return Decision("rejected", ack=not replay, reason=f"{event.command} needs target.model (the model to "
                                                                 f"{event.command})")
+        if event.target.get("pipeline") or event.target.get("step") or self.streams.get(model, Stream(model)).pipeline:
+            return Decision("rejected", ack=not replay, reason=f"{event.command} applies to a model served on its "
+                                                                "own topic, not to a pipeline step")
         self._last_issued_ms[key] = event.issued_ms
         self.applied += 1
         if event.command == "unload":
@@ -284,6 +333,7 @@ class ControlState:
             return Decision("ok", ack=not replay, reason=f"model {model!r} is already loaded", models=(model,))
         if model not in self._paused:
             self.models = (*self.models, model)
+            self.streams[model] = Stream(model)
             self._paused[model] = False
             self.params[model] = {}
             self.generation[model] = 0
@@ -315,3 +365,8 @@ class ControlState:
         self._seen[event_id] = None
         while len(self._seen) > self._seen_max:
             self._seen.popitem(last=False)
+
+
+def _described(target: Mapping[str, str]) -> str:
+    parts = [f"{key} {target[key]!r}" for key in ("model", "pipeline", "step") if target.get(key)]
+    return " and ".join(parts) or "nothing"

@@ -194,3 +194,53 @@ def assemble_result(pipeline: Pipeline, state: TaskState) -> PipelineResult:
                 break
     return PipelineResult(state.id, "error" if error else "ok", outputs, dict(state.skipped), error,
                           dict(state.attributes))
+
+
+def advance(pipeline: Pipeline, state: TaskState, start: int) -> int | None:
+    """Decide the steps from index ``start`` on, in topological order, until one must run.
+
+    Each step that does not run is recorded in ``state`` (``skipped`` or ``errors``, as
+    :func:`decide` says) and passed over, so a skipped step costs no hop.
+
+    Returns:
+        The index (into ``pipeline.steps``) of the next step to run, or ``None`` when every step is
+        decided (the task's result can be assembled).
+    """
+    steps = pipeline.steps
+    for index in range(start, len(steps)):
+        step = steps[index]
+        verdict = decide(step, state)
+        if verdict is None:
+            return index
+        if isinstance(verdict, StepError):
+            state.errors[step.name] = verdict
+        else:
+            state.skipped[step.name] = verdict
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What a task must carry when it travels to a step: the parts of its state read there or later.
+
+    Attributes:
+        inputs: whether the task's inputs are read by this step, a later one or the result.
+        outputs: the steps whose outputs are read by this step, a later one (inputs or ``when``) or the
+            result; the outputs of other steps are dropped on the way.
+    """
+
+    inputs: bool
+    outputs: frozenset[str]
+
+
+def carried(pipeline: Pipeline) -> list[Carried]:
+    """Per step index, what a task travelling to that step carries (see :class:`Carried`).
+
+    Skip reasons and errors always travel (they are small, and :func:`decide` reads them).
+    """
+    out: list[Carried] = []
+    refs: list[Ref] = list(pipeline.outputs.values())
+    for step in reversed(pipeline.steps):
+        refs += [*step.inputs, *(c.ref for c in step.when if c.ref is not None)]
+        out.append(Carried(any(r.step is None for r in refs), frozenset(r.step for r in refs if r.step is not None)))
+    return out[::-1]

@@ -589,8 +589,12 @@ class ControlClient:
         }
 
     async def send(self, command: str, *, model: str | None = None, worker: str | None = None,
-                   params: Mapping[str, Any] | None = None) -> ControlEvent:
+                   params: Mapping[str, Any] | None = None, pipeline: str | None = None,
+                   step: str | None = None) -> ControlEvent:
         """Publish one control event (keyed by :func:`~autoglm.processors.control.control_key`).
+
+        ``model``, ``pipeline`` and ``step`` select the streams it applies to (README "Control plane"):
+        a model's (its own topic and every pipeline step running it), a pipeline's steps, one step.
 
         Raises:
             ValueError: unknown command or invalid ``configure`` parameters.
@@ -600,6 +604,10 @@ class ControlClient:
             raise ValueError(f"unknown command {command!r}; expected one of {CONTROL_COMMANDS}")
         if command in MODEL_COMMANDS and not model:
             raise ValueError(f"{command} needs a model (--model NAME)")
+        if step and not pipeline:
+            raise ValueError("a step is named within its pipeline: give --pipeline too")
+        if command in MODEL_COMMANDS and pipeline:
+            raise ValueError(f"{command} applies to a model served on its own topic, not to a pipeline")
         params = dict(params or {})
         if command == "configure":
             check_configure_params(params)
@@ -608,7 +616,7 @@ class ControlClient:
             from autoglm.processors.adaptive import AdaptiveBatchPolicy
 
             AdaptiveBatchPolicy().configure(**params)
-        target = {k: v for k, v in (("model", model), ("worker", worker)) if v}
+        target = {k: v for k, v in (("model", model), ("worker", worker), ("pipeline", pipeline), ("step", step)) if v}
         event = ControlEvent(id=uuid.uuid4().hex, command=command, target=target, params=params,
                              issued_ms=now_ms())
         try:
@@ -620,7 +628,7 @@ class ControlClient:
 
     async def command(self, command: str, *, model: str | None = None, worker: str | None = None,
                       params: Mapping[str, Any] | None = None, wait: bool = True,
-                      timeout_s: float = 30.0) -> CommandOutcome:
+                      timeout_s: float = 30.0, pipeline: str | None = None, step: str | None = None) -> CommandOutcome:
         """Send a command; with ``wait``, collect the acks of every live worker it targets.
 
         Returns:
@@ -630,7 +638,7 @@ class ControlClient:
         live = await self.live_workers() if wait else {}
         expected = {w for w in live if worker is None or w == worker}
         started = time.monotonic()
-        event = await self.send(command, model=model, worker=worker, params=params)
+        event = await self.send(command, model=model, worker=worker, params=params, pipeline=pipeline, step=step)
         outcome = CommandOutcome(event=event, expected=expected, live=set(live))
         if not wait:
             return outcome

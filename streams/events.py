@@ -19,10 +19,14 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from autoglm.processors.control import TARGET_KEYS
+from autoglm.processors.dag import StepError
+from autoglm.processors.routing import TaskState
 from autoglm.processors.errors import EventDecodeError, EventValidationError, SchemaVersionError, TensorError
 from autoglm.streams.codec import decode_tensor, dumps, encode_tensor, loads, preview
 
 TASK_SCHEMA = "autoglm.task/v1"
+HOP_SCHEMA = "autoglm.hop/v1"
 RESULT_SCHEMA = "autoglm.result/v1"
 CONTROL_SCHEMA = "autoglm.control/v1"
 
@@ -98,6 +102,11 @@ class Result:
             publication of the result.
         served_by: model that actually served the task (equals ``model``
             unless a fallback served it).
+        pipeline: the pipeline that served the task, for the result of a pipeline (else None).
+        steps: a pipeline result's per-step record, in the order served: ``step``, ``model``,
+            ``worker``, ``batch_size``, ``queue_ms``, ``inference_ms`` (and ``served_by`` when a
+            fallback served it).
+        skipped: a pipeline result's steps that did not run, with why.
     """
 
     id: str
@@ -112,6 +121,9 @@ class Result:
     end_to_end_ms: float = 0.0
     attributes: dict[str, str] = field(default_factory=dict)
     served_by: str | None = None
+    pipeline: str | None = None
+    steps: tuple[dict[str, Any], ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +279,11 @@ def encode_result(result: Result) -> bytes:
         doc["error"] = {"code": result.error.code, "message": result.error.message}
     if result.served_by is not None and result.served_by != result.model:
         doc["served_by"] = result.served_by
+    if result.pipeline is not None:
+        doc["pipeline"] = result.pipeline
+        doc["steps"] = list(result.steps)
+        if result.skipped:
+            doc["skipped"] = result.skipped
     return dumps(doc)
 
 
@@ -289,6 +306,7 @@ def decode_result(raw: bytes | bytearray | memoryview | str | None) -> Result:
     rejected_without_model = status == "rejected" and doc.get("model") == ""
     model = "" if rejected_without_model else _req_str(doc, "model", max_len=MAX_ID_CHARS)
     served_by = doc.get("served_by")
+    pipeline, steps = doc.get("pipeline"), doc.get("steps")
     return Result(
         id=_req_str(doc, "id", max_len=MAX_ID_CHARS),
         model=model,
@@ -302,7 +320,111 @@ def decode_result(raw: bytes | bytearray | memoryview | str | None) -> Result:
         end_to_end_ms=_opt_float(doc, "end_to_end_ms"),
         attributes=_opt_str_map(doc, "attributes"),
         served_by=served_by if isinstance(served_by, str) and served_by else model,
+        pipeline=pipeline if isinstance(pipeline, str) else None,
+        steps=tuple(s for s in steps if isinstance(s, dict)) if isinstance(steps, list) else (),
+        skipped=_opt_str_map(doc, "skipped"),
     )
+
+
+# -- pipeline hops -------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Hop:
+    """A task on its way through a pipeline of models: what one step hands the next on the
+    intermediate topic ``<prefix>.pipelines.<pipeline>.<step>`` (README "Pipelines").
+
+    Attributes:
+        state: the task's id, attributes, inputs (when a later step reads them), the outputs of the
+            steps it ran that a later step or the result reads, and the steps skipped or failed
+            (:class:`~autoglm.processors.routing.TaskState`).
+        model: the task's ``model`` field, echoed into the result.
+        pipeline: the pipeline's name.
+        step: the step this hop is for.
+        priority, deadline_ms, reply_to: the task's.
+        created_ms: the task's ``created_ms``, else when the pipeline's first worker received it (epoch ms).
+        steps: the steps served so far, in order (see :attr:`Result.steps`).
+    """
+
+    state: Any
+    model: str
+    pipeline: str
+    step: str
+    priority: int = 0
+    deadline_ms: int | None = None
+    created_ms: int = 0
+    reply_to: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def encode_hop(hop: Hop, *, inputs: bool = True, outputs: Any = None) -> bytes:
+    """Serialize a hop: tensors as base64 wire tensors, like tasks and results.
+
+    Args:
+        inputs: whether the task's inputs travel (a later step or the result reads them).
+        outputs: the steps whose outputs travel (``None``: all of them).
+
+    Raises:
+        TensorError: an output holds NaN/inf or a dtype the wire has not (``outputs.<step>.<name>`` named).
+    """
+    state = hop.state
+    doc: dict[str, Any] = {"schema": HOP_SCHEMA, "id": state.id, "model": hop.model, "pipeline": hop.pipeline,
+                           "step": hop.step, "created_ms": hop.created_ms, "steps": hop.steps}
+    if inputs:
+        doc["inputs"] = state.inputs if isinstance(state.inputs, list) else encode_outputs(state.inputs, field="inputs")
+    doc["outputs"] = {name: encode_outputs(named, field=f"outputs.{name}") for name, named in state.outputs.items()
+                      if outputs is None or name in outputs}
+    if state.skipped:
+        doc["skipped"] = dict(state.skipped)
+    if state.errors:
+        doc["errors"] = {name: {"code": e.code, "message": e.message} for name, e in state.errors.items()}
+    if hop.priority:
+        doc["priority"] = hop.priority
+    if hop.deadline_ms is not None:
+        doc["deadline_ms"] = hop.deadline_ms
+    if hop.reply_to is not None:
+        doc["reply_to"] = hop.reply_to
+    if state.attributes:
+        doc["attributes"] = dict(state.attributes)
+    return dumps(doc)
+
+
+def decode_hop(raw: bytes | bytearray | memoryview | str | None) -> Hop:
+    """Parse a hop event (:func:`encode_hop`).
+
+    Raises:
+        EventDecodeError, SchemaVersionError, EventValidationError, TensorError: each carries ``task_id``
+            and ``model`` when those could be read.
+    """
+    doc = _load_object(raw)
+    task_id, model = _readable(doc.get("id")), _readable(doc.get("model"))
+    try:
+        _check_schema(doc, "hop")
+        task_id = _req_str(doc, "id", max_len=MAX_ID_CHARS)
+        model = _req_str(doc, "model", max_len=MAX_ID_CHARS)
+        outputs, errors, steps = doc.get("outputs") or {}, doc.get("errors") or {}, doc.get("steps") or []
+        if not isinstance(outputs, dict) or not all(isinstance(v, dict) for v in outputs.values()):
+            raise EventValidationError("outputs", "an object of step -> named tensors", _shown(outputs))
+        if not isinstance(errors, dict) or not all(isinstance(v, dict) for v in errors.values()):
+            raise EventValidationError("errors", "an object of step -> {code, message}", _shown(errors))
+        if not isinstance(steps, list) or not all(isinstance(v, dict) for v in steps):
+            raise EventValidationError("steps", "a list of objects", _shown(steps))
+        state = TaskState(
+            task_id,
+            None if "inputs" not in doc else _decode_inputs(doc["inputs"], check_finite=False),
+            _opt_str_map(doc, "attributes"),
+            outputs={str(step): dict(decode_outputs(named, field=f"outputs.{step}", check_finite=False))
+                     for step, named in outputs.items()},
+            skipped=_opt_str_map(doc, "skipped"),
+            errors={str(step): StepError(_text(e.get("code")), _text(e.get("message"))) for step, e in errors.items()},
+        )
+        return Hop(state=state, model=model, pipeline=_req_str(doc, "pipeline", max_len=MAX_ID_CHARS),
+                   step=_req_str(doc, "step", max_len=MAX_ID_CHARS), priority=_opt_int(doc, "priority", default=0),
+                   deadline_ms=_opt_epoch_ms(doc, "deadline_ms"), created_ms=_opt_epoch_ms(doc, "created_ms") or 0,
+                   reply_to=_opt_topic(doc, "reply_to"), steps=list(steps))
+    except (SchemaVersionError, EventValidationError, TensorError) as exc:
+        exc.task_id, exc.model = task_id, model
+        raise
 
 
 # -- control -----------------------------------------------------------------
@@ -335,9 +457,10 @@ def decode_control(raw: bytes | bytearray | memoryview | str | None) -> ControlE
         raise EventValidationError("command", f"one of {CONTROL_COMMANDS}", _shown(command))
     target = doc.get("target") or {}
     if not isinstance(target, dict) or not all(
-        k in ("model", "worker") and isinstance(v, str) for k, v in target.items()
+        k in TARGET_KEYS and isinstance(v, str) for k, v in target.items()
     ):
-        raise EventValidationError("target", "an object with optional string 'model' and 'worker'", _shown(target))
+        raise EventValidationError("target", "an object with optional string 'model', 'worker', 'pipeline' and 'step'",
+                                   _shown(target))
     params = doc.get("params") or {}
     if not isinstance(params, dict):
         raise EventValidationError("params", "an object", _shown(params))

@@ -55,6 +55,7 @@ from autoglm.processors.delivery import InFlightLimiter, OffsetTracker
 from autoglm.processors.metrics import BatchMetrics, WindowStats
 from autoglm.processors.queue import QueuedTask
 from autoglm.streams.codec import loads
+from autoglm.streams.hops import NOT_RUN
 from autoglm.streams.events import (
     TOPIC_NAME_RE,
     ErrorInfo,
@@ -134,6 +135,7 @@ class Pending:
     value: bytes | None = None
     deadline_s: float | None = None
     headers: Sequence[tuple[str, bytes]] = ()
+    hop: Any = None  # a pipeline step's task: its Hop (autoglm.streams.hops)
 
 
 @dataclass(slots=True)
@@ -188,6 +190,10 @@ class TaskPipeline:
         tracing: OpenTelemetry spans per batch (:mod:`autoglm.streams.tracing`; default off:
             nothing is done per task, one no-op call per batch).
         group_id: the consumer group, for the spans' ``messaging.consumer.group.name``.
+        stages: pipeline steps served as streams: stream name -> its
+            :class:`~autoglm.streams.hops.StepStage` (``runners`` and ``policies`` have an entry
+            under the same name). Their records are tasks (a pipeline's input) or hops, and a
+            finished task becomes a hop to its next step or its pipeline result.
         clock: monotonic seconds.
 
     Model failures: runners answer ``run_isolated(items, timeout_s=)`` with one
@@ -218,6 +224,7 @@ class TaskPipeline:
         transact: TransactFn | None = None,
         tracing: BatchTracing | None = None,
         group_id: str = "",
+        stages: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.names = names
@@ -237,6 +244,7 @@ class TaskPipeline:
         self._transact = transact
         self.tracing = tracing or BatchTracing()
         self.group_id = group_id
+        self.stages = dict(stages or {})
         self._held: dict[tuple[Hashable, int], list[Record]] = {}
         self._released: set[Hashable] = set()
         self.limiter = InFlightLimiter(max_in_flight)
@@ -427,6 +435,7 @@ class TaskPipeline:
             return
         model = self.names.model_of(topic)
         runner = self.runners.get(model) if model is not None else None
+        stage = self.stages.get(model) if model is not None else None
         received_s, received_ms = self.clock(), now_ms()
         self.limiter.take(len(records))
         self.counters.received += len(records)
@@ -448,19 +457,23 @@ class TaskPipeline:
                         "(AUTOGLM_MAX_TASK_BYTES)", task_id=readable_field(value, "id"),
                         model=readable_field(value, "model"),
                     )
-                task = decode_task(value, check_finite=False)
-                if task.model != model or runner is None:
-                    raise self._wrong_model(task, topic, model)
-                try:
-                    prepared = runner.model.prepare(task.inputs)
-                except EventError as exc:
-                    exc.task_id, exc.model = task.id, task.model
-                    raise
+                if stage is not None and runner is not None:
+                    hop, task, prepared = stage.receive(value, received_ms, runner.model)
+                else:
+                    hop = None
+                    task = decode_task(value, check_finite=False)
+                    if task.model != model or runner is None:
+                        raise self._wrong_model(task, topic, model)
+                    try:
+                        prepared = runner.model.prepare(task.inputs)
+                    except EventError as exc:
+                        exc.task_id, exc.model = task.id, task.model
+                        raise
             except EventError as exc:
                 rejected.append((offset, record.key, value, exc))
                 continue
             valid.append(Pending(task, prepared, tp, offset, received_s, received_ms, record.key, value,
-                                 None, record.headers))
+                                 None, record.headers, hop))
         # NaN/inf: one vectorised check of what the model would see (the prepared rows), per poll
         if valid and not all_finite([a for p in valid for a in _arrays(p.prepared)]):
             valid = self._reject_non_finite(valid, rejected)
@@ -513,6 +526,9 @@ class TaskPipeline:
             if pending.deadline_s <= received_s:  # already past its deadline: never reaches the model
                 self._on_expired([QueuedTask(pending, received_s, pending.deadline_s)])
                 return
+        if pending.prepared is NOT_RUN:  # a pipeline step that does not run for it: on to the next
+            self._spawn(self._settle([self._forward(pending)]))
+            return
         self.batchers[model].put(pending, priority=task.priority, deadline_s=pending.deadline_s)
 
     async def _check_reply_to(self, topic: str) -> None:
@@ -558,7 +574,10 @@ class TaskPipeline:
                 worker=self.worker_id, queue_ms=(self.clock() - p.received_s) * 1000.0,
                 end_to_end_ms=float(max(0, now_wall - (p.task.created_ms or p.received_ms))),
                 attributes=p.task.attributes,
-            )
+            ) if p.hop is None else self._stage_of(p).result(
+                p.hop, worker=self.worker_id, status="expired",
+                error=ErrorInfo("deadline", f"deadline_ms {p.task.deadline_ms} passed before step "
+                                            f"{p.hop.step!r} served the task"))
             for p in batch
         ]
         self._spawn(self._settle([self._records_of(p, r, encode_result(r)) for p, r in zip(batch, results)]))
@@ -594,7 +613,10 @@ class TaskPipeline:
             inference_s = self.clock() - start_s
             span.set_inference(inference_s)
             self.counters.batches += 1
-            groups, latencies_s, failed = self._encode_batch(model, batch, outcomes, start_s, inference_s)
+            if model in self.stages:
+                groups, latencies_s, failed = self._encode_steps(model, batch, outcomes, start_s, inference_s)
+            else:
+                groups, latencies_s, failed = self._encode_batch(model, batch, outcomes, start_s, inference_s)
             if failed:
                 log.error("model %s: %d of %d tasks failed (%s)", model, len(failed), len(batch),
                           ", ".join(sorted(failed)))
@@ -655,6 +677,62 @@ class TaskPipeline:
             self.counters.results_ok += ok
             self.metrics.count_tasks(model, "ok", ok)
         return groups, latencies_s, failed
+
+    def _encode_steps(self, name: str, batch: list[Pending], outcomes: Sequence[Any], start_s: float,
+                      inference_s: float) -> tuple[list[tuple[Hashable, int, list[Record]]], list[float], set[str]]:
+        """A pipeline step's batch: each task's outcome recorded in its hop, then the hop on to its
+        next step (or its result). Latencies are the step's own, receipt to now (its target is the
+        step's share of the pipeline's). Returns what :meth:`_encode_batch` does."""
+        stage = self.stages[name]
+        step_model = stage.step.model
+        now_s = self.clock()
+        inference_ms = round(inference_s * 1000.0, 3)
+        groups: list[tuple[Hashable, int, list[Record]]] = []
+        latencies_s: list[float] = []
+        failed: set[str] = set()
+        for p, outcome in zip(batch, outcomes):
+            timing = {"step": stage.step.name, "model": step_model, "worker": self.worker_id,
+                      "batch_size": len(batch), "queue_ms": round((start_s - p.received_s) * 1000.0, 3),
+                      "inference_ms": inference_ms}
+            if outcome.served_by and outcome.served_by != step_model:
+                timing["served_by"] = outcome.served_by
+            error = stage.served(p.hop, outcome, timing)
+            if error is not None:
+                failed.add(error.code)
+            latencies_s.append(now_s - p.received_s)
+            groups.append(self._forward(p, isolated=error is not None and error.code == "inference"))
+        ok = len(batch) - sum(1 for p in batch if stage.step.name in p.hop.state.errors)
+        if ok:
+            self.metrics.count_tasks(name, "ok", ok)
+        if len(batch) - ok:
+            self.metrics.count_tasks(name, "error", len(batch) - ok)
+        return groups, latencies_s, failed
+
+    def _stage_of(self, pending: Pending) -> Any:
+        return self.stages[self.names.model_of(pending.partition[0])]
+
+    def _forward(self, pending: Pending, *, isolated: bool = False) -> tuple[Hashable, int, list[Record]]:
+        """The records a pipeline step's task becomes: a hop to its next step or its result (plus a
+        dead letter with its bytes when it made the step's model fail on its own)."""
+        hop = pending.hop
+        headers = self.tracing.result_headers(pending.headers) if self.tracing.enabled else []
+        out = self._stage_of(pending).forward(hop, worker=self.worker_id)
+        if isinstance(out, tuple):
+            records: list[Record] = [(out[0], hop.state.id.encode(), out[1], headers)]
+        else:
+            result, value = self._encode_checked(out)
+            if result.status == "ok":
+                self.counters.results_ok += 1
+            else:
+                self.counters.results_error += 1
+            records = [(pending.task.reply_to or self.names.results, hop.state.id.encode(), value, headers)]
+        if isolated:
+            error = hop.state.errors.get(hop.steps[-1]["step"]) if hop.steps else None
+            self.counters.isolated_failures += 1
+            self.counters.dead_letters += 1
+            records.append((self.names.dlq, pending.key, pending.value, self._dlq_headers(
+                pending.partition, pending.offset, "inference", error.message if error else "inference failed")))
+        return pending.partition, pending.offset, records
 
     def _encode_checked(self, result: Result) -> tuple[Result, bytes]:
         """Encode one result; NaN/inf outputs and oversized results become error results."""

@@ -10,6 +10,8 @@ topic                             partitions   carries
 ``<prefix>.dlq``                  configured   dead letters: original bytes + reason headers
 ``<prefix>.control``              1            control events (ordered, compacted, read by all)
 ``<prefix>.status``               1            worker acks and heartbeats
+``<prefix>.pipelines.<p>.in``     configured   task events for pipeline ``p`` (unless it names its own)
+``<prefix>.pipelines.<p>.<step>`` configured   hop events: tasks of ``p`` on their way to ``step``
 ================================  ===========  =========================================
 
 One task topic per model: a model's stream can be paused (Kafka's per-partition
@@ -20,7 +22,8 @@ visible on its own, and a model can get its own partition count.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
@@ -32,18 +35,40 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class TopicNames:
-    """Topic names derived from one prefix."""
+    """Topic names derived from one prefix.
+
+    Attributes:
+        prefix: the topic prefix.
+        streams: the pipeline steps a worker serves: stream name (``<pipeline>/<step>``) -> the topic
+            it reads (the pipeline's input topic for its first step, else the step's intermediate topic).
+    """
 
     prefix: str = "autoglm"
+    streams: Mapping[str, str] = field(default_factory=dict, compare=False)
+    _by_topic: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_topic", {topic: name for name, topic in self.streams.items()})
 
     def tasks(self, model: str) -> str:
-        """The task topic of ``model``."""
-        return f"{self.prefix}.tasks.{model}"
+        """The task topic of ``model`` (or the topic a pipeline step of :attr:`streams` reads)."""
+        return self.streams.get(model) or f"{self.prefix}.tasks.{model}"
 
     def model_of(self, topic: str) -> str | None:
-        """The model whose task topic ``topic`` is, or None."""
+        """The model (or pipeline step of :attr:`streams`) whose task topic ``topic`` is, or None."""
+        stream = self._by_topic.get(topic)
+        if stream is not None:
+            return stream
         head = f"{self.prefix}.tasks."
         return topic[len(head):] if topic.startswith(head) else None
+
+    def pipeline_input(self, pipeline: str) -> str:
+        """The default input topic of a pipeline (``input.topic`` in its file overrides it)."""
+        return f"{self.prefix}.pipelines.{pipeline}.in"
+
+    def pipeline_step(self, pipeline: str, step: str) -> str:
+        """The intermediate topic of a pipeline's step: hop events on their way to it."""
+        return f"{self.prefix}.pipelines.{pipeline}.{step}"
 
     @property
     def results(self) -> str:
@@ -71,8 +96,11 @@ async def ensure_topics(
     replication_factor: int = 1,
     max_message_bytes: int | None = None,
     client_kwargs: dict | None = None,
+    extra: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     """Create the project's topics that do not exist yet; existing ones are left alone.
+
+    ``extra``: more topics of ``partitions`` partitions (a pipeline's input and intermediate topics).
 
     Returns:
         The names of the topics that were created.
@@ -81,6 +109,7 @@ async def ensure_topics(
         BrokerError: the broker could not be reached or refused the creation.
     """
     wanted: dict[str, int] = {names.tasks(m): partitions for m in models}
+    wanted.update({t: partitions for t in extra})
     wanted[names.results] = partitions
     wanted[names.dlq] = partitions
     wanted[names.control] = 1
