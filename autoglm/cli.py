@@ -79,6 +79,9 @@ def worker(
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N; env AUTOGLM_DEVICE"),
     worker_id: Optional[str] = typer.Option(None, help="id written into results; env AUTOGLM_WORKER_ID"),
     log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR; env AUTOGLM_LOG_LEVEL"),
+    pipeline: Optional[list[Path]] = typer.Option(None, "--pipeline", help="also serve the steps of this "
+                                                  "pipeline.yaml (repeatable); env AUTOGLM_PIPELINES (comma-separated). "
+                                                  "With pipelines and no --models, only the pipelines are served"),
 ) -> None:
     """Serve models: consume task topics, micro-batch, infer, publish results.
 
@@ -89,6 +92,7 @@ def worker(
         partitions=partitions, batching_mode=batching_mode, latency_target_s=latency_target_s, metrics_port=metrics_port,
         max_batch_size=max_batch_size, max_wait_s=max_wait_s, max_in_flight=max_in_flight,
         device=device, worker_id=worker_id, log_level=log_level,
+        pipelines=tuple(str(p) for p in pipeline) if pipeline else None,
     )
     _logging(settings.log_level)
     from autoglm.worker import run_worker
@@ -615,7 +619,8 @@ def console(
                 handle_signals=True, shutdown_timeout=3.0)
 
 
-pipeline_app = typer.Typer(help="Pipelines of models (a DAG declared in YAML): validate and dry-run, no broker needed.",
+pipeline_app = typer.Typer(help="Pipelines of models (a DAG declared in YAML): validate and dry-run with no broker, "
+                                "run on Kafka.",
                            no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 PipelineRepoOpt = typer.Option(None, "--model-repo", help="model repository folder the steps' models come from "
@@ -707,6 +712,38 @@ def pipeline_dry_run(
     else:
         _print_dry_run(run)
     raise typer.Exit(1 if any(r.status != "ok" for r in run.results) else 0)
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    file: Path = typer.Argument(..., help="the pipeline.yaml"),
+    model_repo: Optional[str] = PipelineRepoOpt,
+    bootstrap_servers: Optional[str] = BootstrapOpt,
+    prefix: Optional[str] = PrefixOpt,
+    partitions: Optional[int] = typer.Option(None, help="partitions of topics created at start; env AUTOGLM_PARTITIONS"),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N; env AUTOGLM_DEVICE"),
+    worker_id: Optional[str] = typer.Option(None, help="id written into results; env AUTOGLM_WORKER_ID"),
+    metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on 127.0.0.1:PORT"),
+    log_level: Optional[str] = typer.Option(None, help="DEBUG, INFO, WARNING or ERROR; env AUTOGLM_LOG_LEVEL"),
+) -> None:
+    """Run a pipeline on Kafka: a worker serving its steps (the same as `autoglm worker --pipeline FILE`).
+
+    Validates the file first (exit 2 with every error), creates the input topic
+    (<prefix>.pipelines.<name>.in unless the file names one) and the intermediate topics
+    (<prefix>.pipelines.<name>.<step>), and serves every step with adaptive batching, dead letters and
+    the control plane (`autoglm ctl pause --pipeline NAME`). Start it on as many machines as you like:
+    workers share the steps' partitions through the consumer group. Results go to the task's reply_to or
+    <prefix>.results, with the pipeline's name and per-step timings.
+    """
+    _load_pipeline(file, model_repo, False)  # every error, with file and line, before any broker or model
+    settings = _settings(
+        bootstrap_servers=bootstrap_servers, topic_prefix=prefix, model_repo=model_repo, partitions=partitions,
+        device=device, worker_id=worker_id, metrics_port=metrics_port, log_level=log_level, pipelines=(str(file),),
+    )
+    _logging(settings.log_level)
+    from autoglm.worker import run_worker
+
+    raise typer.Exit(run_worker(settings))
 
 
 def _print_dry_run(run) -> None:

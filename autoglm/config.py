@@ -12,7 +12,7 @@ import os
 import socket
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from autoglm.errors import ConfigError
@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="autoglm", pattern=r"^[a-zA-Z0-9._-]{1,100}$")
     partitions: int = Field(default=3, ge=1, le=10_000)
     replication_factor: int = Field(default=1, ge=1, le=32)
+    #: pipeline files (``pipeline.yaml``) whose steps this worker serves; with them and no ``models``
+    #: given, the worker serves the pipelines only (declared before ``models``, whose check reads it)
+    pipelines: Annotated[tuple[str, ...], NoDecode] = ()
     models: Annotated[tuple[str, ...], NoDecode] = ("digits",)
     model_repo: str | None = Field(default=None, description="model repository folder (DIR/<name>/model.yaml)")
     group_id: str | None = None
@@ -159,12 +162,20 @@ class Settings(BaseSettings):
 
     @field_validator("models", mode="before")
     @classmethod
-    def _split_models(cls, value: Any) -> Any:
+    def _split_models(cls, value: Any, info: ValidationInfo) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not value:
-            raise ValueError("at least one model name is needed, e.g. digits,minilm")
+        if not value and not info.data.get("pipelines"):
+            raise ValueError("at least one model name is needed, e.g. digits,minilm (or a pipeline file)")
         return value
+
+    @field_validator("pipelines", mode="before")
+    @classmethod
+    def _split_pipelines(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
 
     @field_validator("console_token", mode="before")
     @classmethod
@@ -190,6 +201,8 @@ class Settings(BaseSettings):
     @classmethod
     def _models_of_repository(cls, data: Any) -> Any:
         """With a model repository and no ``models`` given, serve every model of the repository."""
+        if isinstance(data, dict) and data.get("pipelines") and not data.get("models"):
+            return dict(data, models=())  # a pipeline worker serves its steps only, unless models are named
         if isinstance(data, dict) and data.get("model_repo") and not data.get("models"):
             from pathlib import Path
 

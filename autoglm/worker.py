@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from autoglm.config import Settings
-from autoglm.errors import AutoGLMError
+from autoglm.errors import AutoGLMError, ConfigError
 from autoglm.models import ModelRunner
 from autoglm.processors.metrics import BatchMetrics, PrometheusMetrics
 from autoglm.streams.embedded import EmbeddedBroker
@@ -19,6 +19,7 @@ from autoglm.streams.topics import TopicNames, ensure_topics
 
 if TYPE_CHECKING:
     from autoglm.streams.app import WorkerConfig
+    from autoglm.streams.hops import StepStage
     from autoglm.streams.tracing import BatchTracing
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ def broker_for(settings: Settings) -> Iterator[Settings]:
         )
 
 
-def prepare_topics(settings: Settings) -> list[str]:
-    """Create the topics of ``settings.models`` when absent; returns the created names."""
+def prepare_topics(settings: Settings, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """Create the topics of ``settings.models`` (and ``extra``: a pipeline's) when absent; returns the
+    created names."""
     return asyncio.run(
         ensure_topics(
             settings.bootstrap_list,
@@ -55,6 +57,7 @@ def prepare_topics(settings: Settings) -> list[str]:
             replication_factor=settings.replication_factor,
             max_message_bytes=settings.max_message_bytes,
             client_kwargs=client_kwargs(settings),
+            extra=extra,
         )
     )
 
@@ -128,6 +131,69 @@ def load_runners(settings: Settings) -> dict[str, ModelRunner]:
     return runners
 
 
+def load_pipeline_stages(settings: Settings) -> dict[str, "StepStage"]:
+    """The steps of ``settings.pipelines`` as worker streams (``<pipeline>/<step>`` -> StepStage).
+
+    Raises:
+        PipelineInvalidError: a pipeline file has problems (every one, with file and line).
+        ConfigError: two pipelines share a name, or their topics collide.
+    """
+    from autoglm.pipelines import load_pipeline, signature_lookup
+    from autoglm.models.repository import ModelRepository
+    from autoglm.streams.hops import stages_of
+
+    names = TopicNames(settings.topic_prefix)
+    lookup = signature_lookup(ModelRepository(settings.model_repo))
+    stages: dict[str, StepStage] = {}
+    seen: dict[str, str] = {}
+    for path in settings.pipelines:
+        pipeline = load_pipeline(path, settings.model_repo)
+        if pipeline.name in seen:
+            raise ConfigError(f"pipelines (AUTOGLM_PIPELINES): {path} and {seen[pipeline.name]} are both named "
+                              f"{pipeline.name!r}; a name must be unique (its topics carry it)")
+        seen[pipeline.name] = str(path)
+        signatures = {s.model: ([p.name for p in lookup(s.model).inputs], [p.name for p in lookup(s.model).outputs])
+                      for s in pipeline.steps}
+        for stage in stages_of(pipeline, names, signatures, max_hop_bytes=settings.max_result_bytes):
+            stages[stage.name] = stage
+    topics = [st.topic for st in stages.values()]
+    clash = {t for t in topics if topics.count(t) > 1} | {t for t in topics if t.startswith(f"{names.prefix}.tasks.")}
+    if clash:
+        raise ConfigError(f"pipelines (AUTOGLM_PIPELINES): topic(s) {sorted(clash)} read by two pipelines or "
+                          "by a model; give each pipeline its own input topic")
+    return stages
+
+
+def load_step_runners(settings: Settings, stages: dict[str, "StepStage"]) -> dict[str, ModelRunner]:
+    """One started runner per model the pipeline steps run (shared by the steps running it; apart from
+    the runners of the models served on their own topics, so that ``ctl unload``/``reload`` of a model
+    leaves the pipelines alone). Returns stream name -> runner. All or nothing, as :func:`load_runners`.
+    """
+    from autoglm.models.repository import ModelRepository
+
+    models = sorted({st.step.model for st in stages.values()})
+    if not models:
+        return {}
+    registry = ModelRepository(settings.model_repo).registry(models)
+    for name, fallback in settings.fallbacks.items():
+        registry.set_fallback(name, fallback)
+    device = None if settings.device == "auto" else settings.device
+    by_model: dict[str, ModelRunner] = {}
+    try:
+        for name in models:
+            runner = registry.create_runner(name, device=device, torch_threads=worker_torch_threads(settings),
+                                            max_failures=settings.fallback_max_failures,
+                                            probe_every=settings.fallback_probe_every)
+            by_model[name] = runner
+            runner.start_sync()
+            log.info("pipeline model %s loaded on %s in %.2f s", name, runner.device, runner.load_s or 0.0)
+    except BaseException:
+        for runner in by_model.values():
+            runner.close(wait=True)
+        raise
+    return {stream: by_model[st.step.model] for stream, st in stages.items()}
+
+
 def worker_config(settings: Settings) -> "WorkerConfig":
     """The Kafka side's view of the settings (:class:`~autoglm.streams.app.WorkerConfig`)."""
     from autoglm.streams.app import WorkerConfig
@@ -196,22 +262,29 @@ def run_worker(settings: Settings) -> int:
     from autoglm.streams.app import build_worker_app, run_app
 
     with broker_for(settings) as live:
+        runners: dict[str, ModelRunner] = {}
         try:
-            runners = load_runners(live)  # first: an unknown model or device creates no topics
-            prepare_topics(live)
+            stages = load_pipeline_stages(live)  # first: an invalid pipeline loads no model
+            runners = load_runners(live)  # then: an unknown model or device creates no topics
+            runners.update(load_step_runners(live, stages))
+            prepare_topics(live, extra=sorted({st.topic for st in stages.values()}))
             if live.delivery == "exactly_once":
                 asyncio.run(check_transactions(live))
         except AutoGLMError as exc:
             log.error("%s", exc)
+            for runner in runners.values():
+                runner.close(wait=True)
             return 2
         from autoglm.models.repository import ModelRepository
 
         app, worker = build_worker_app(worker_config(live), runners, metrics=worker_metrics(live),
                                        datadir=faust_datadir(live), repository=ModelRepository(live.model_repo),
-                                       runner_options=runner_options(live), tracing=worker_tracing(live))
+                                       runner_options=runner_options(live), tracing=worker_tracing(live),
+                                       stages=stages)
         log.info(
             "worker %s serving %s from %s (group %s)",
-            live.worker_id, ", ".join(live.models), live.bootstrap_servers, live.consumer_group,
+            live.worker_id, ", ".join([*live.models, *(f"{n} ({st.topic})" for n, st in stages.items())]),
+            live.bootstrap_servers, live.consumer_group,
         )
         try:
             return run_app(app, log_level=live.log_level)

@@ -131,6 +131,10 @@ class Worker(Service):
             None); each served model's ``batching`` defaults from it are applied to its policy.
         runner_options: ``device``, ``torch_threads``, ``max_failures``, ``probe_every`` for the
             runners of models loaded at run time (see :class:`~autoglm.models.host.ModelHost`).
+        stages: the pipeline steps served (README "Pipelines"): stream name (``<pipeline>/<step>``)
+            -> its :class:`~autoglm.streams.hops.StepStage`; ``runners`` has the step model's runner
+            under the same name. Each step's batching starts from the worker's settings, then its
+            model's ``batching`` defaults, then the step's ``batching`` and latency target.
 
     Hot models (``ctl load``/``unload``/``reload``, README "Control plane"): the
     :class:`~autoglm.models.host.ModelHost` changes :attr:`TaskPipeline.runners` in place;
@@ -143,17 +147,22 @@ class Worker(Service):
     def __init__(self, config: WorkerConfig, runners: Mapping[str, Any],
                  policies: Mapping[str, BatchPolicy] | None = None, metrics: BatchMetrics | None = None,
                  tracing: BatchTracing | None = None, *, repository: ModelRepository | None = None,
-                 runner_options: Mapping[str, Any] | None = None, **kwargs: Any):
+                 runner_options: Mapping[str, Any] | None = None, stages: Mapping[str, Any] | None = None,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self.config = config
+        stages = dict(stages or {})
+        #: the pipeline steps served: stream name -> StepStage
+        self.stages = stages
         #: results per model and status since start (heartbeat totals), beside the given metrics
         self.totals = TaskTotals()
         self.metrics: BatchMetrics = self.totals if metrics is None else MetricsGroup(metrics, self.totals)
         metrics = self.metrics
-        self.names = names = TopicNames(config.prefix)
+        self.names = names = TopicNames(config.prefix, streams={name: st.topic for name, st in stages.items()})
         cc = config.consumer
         #: the models at run time: policies, the fetch predicate, a load's fetch and an unload's drain
-        self.models = ServedModels(config, names, repository)
+        self.models = ServedModels(config, names, repository, steps={name: (st.step.model, _step_params(st.step))
+                                                                       for name, st in stages.items()})
         policies = self.models.initial_policies(runners, policies)
         self._producer: AIOKafkaProducer | None = None
         self._batches: BatchProducer | None = None
@@ -171,9 +180,10 @@ class Worker(Service):
             on_fatal=self._fatal, metrics=metrics, topics=self.topics,
             delivery_timeout_s=config.delivery_timeout_s, inference_timeout_s=config.inference_timeout_s,
             max_task_bytes=config.max_task_bytes, max_result_bytes=config.max_result_bytes,
-            transact=self.settler, tracing=tracing, group_id=cc.group_id,
+            transact=self.settler, tracing=tracing, group_id=cc.group_id, stages=stages,
         )
-        self.control_state = ControlState(config.worker_id, list(runners))
+        self.control_state = ControlState(config.worker_id, list(runners),
+                                          streams={name: st.stream for name, st in stages.items()})
         topics = cc.topics or tuple(names.tasks(m) for m in runners)
         self.host = ModelHost(self.models.repository, self.pipeline.runners, on_change=self.models.changed,
                               **dict(runner_options or {}))
@@ -311,16 +321,27 @@ class Worker(Service):
         return lags
 
 
+def _step_params(step: Any) -> dict[str, Any]:
+    """A pipeline step's batching parameters: its ``batching``, and its latency target (its share of the
+    pipeline's, or its own)."""
+    params = {k: v for k, v in dict(step.batching).items() if v is not None}
+    if step.latency_target_s is not None:
+        params["latency_target_s"] = step.latency_target_s
+    return params
+
+
 def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
                      policies: Mapping[str, BatchPolicy] | None = None,
                      metrics: BatchMetrics | None = None, *, datadir: str | None = None,
                      repository: ModelRepository | None = None,
                      runner_options: Mapping[str, Any] | None = None,
-                     tracing: BatchTracing | None = None) -> tuple[faust.App, Worker]:
+                     tracing: BatchTracing | None = None,
+                     stages: Mapping[str, Any] | None = None) -> tuple[faust.App, Worker]:
     """Create the faust shell of a worker serving ``runners`` (model name -> started runner).
 
     Args:
         repository, runner_options: see :class:`Worker` (models loaded at run time).
+        stages: see :class:`Worker` (pipeline steps).
         datadir: faust's data directory (it keeps nothing there for us, but creates it; default
             ``<id>-data`` in the working directory, as faust does).
 
@@ -331,7 +352,7 @@ def build_worker_app(config: WorkerConfig, runners: Mapping[str, Any],
     app = WorkerApp(f"autoglm-{config.worker_id}", web_enabled=False, store="memory://",
                     value_serializer="raw", key_serializer="raw", **options)
     worker = Worker(config, runners, policies, metrics, tracing, repository=repository,
-                    runner_options=runner_options)
+                    runner_options=runner_options, stages=stages)
     app.service(worker)
     return app, worker
 

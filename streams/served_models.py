@@ -60,10 +60,14 @@ class ServedModels:
             leave the subscription alone).
         names: topic names.
         repository: where a model's ``batching`` defaults are read (None: the built-ins alone).
+        steps: the pipeline steps served: stream name -> ``(model, batching parameters)``; a step's
+            policy takes its model's ``batching`` defaults, then the step's parameters.
     """
 
-    def __init__(self, config: "WorkerConfig", names: TopicNames, repository: ModelRepository | None = None):
+    def __init__(self, config: "WorkerConfig", names: TopicNames, repository: ModelRepository | None = None,
+                 steps: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None):
         self.config = config
+        self.steps = dict(steps or {})
         self.names = names
         self.repository = repository if repository is not None else ModelRepository(None)
         self._fixed_topics = bool(config.consumer.topics)
@@ -105,10 +109,16 @@ class ServedModels:
         return policy
 
     def _apply_batching_defaults(self, name: str, policy: BatchPolicy) -> None:
+        model, step_params = self.steps.get(name, (name, {}))
         try:
-            params = self.repository.batching_defaults([name]).get(name) or {}
+            params = self.repository.batching_defaults([model]).get(model) or {}
         except Exception as exc:  # a spec edited since the model was loaded: the worker's settings stay
             log.warning("model %s: batching defaults of its model.yaml not applied: %s", name, exc)
+            params = {}
+        if step_params:
+            params = {**params, **step_params}
+            log.info("pipeline step %s: batching %s", name, params)
+            policy.configure(**params)
             return
         if params:
             policy.configure(**params)
