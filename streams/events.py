@@ -370,7 +370,7 @@ def encode_hop(hop: Hop, *, inputs: bool = True, outputs: Any = None) -> bytes:
     state = hop.state
     doc: dict[str, Any] = {"schema": HOP_SCHEMA, "id": state.id, "model": hop.model, "pipeline": hop.pipeline,
                            "step": hop.step, "created_ms": hop.created_ms, "steps": hop.steps}
-    if inputs:
+    if inputs and state.inputs is not None:
         doc["inputs"] = state.inputs if isinstance(state.inputs, list) else encode_outputs(state.inputs, field="inputs")
     doc["outputs"] = {name: encode_outputs(named, field=f"outputs.{name}") for name, named in state.outputs.items()
                       if outputs is None or name in outputs}
