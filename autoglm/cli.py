@@ -108,10 +108,16 @@ def publish(
     model: str = typer.Option("minilm", help="model for --text-file"),
     id_prefix: Optional[str] = typer.Option(None, help="task ids are <id-prefix>-<n> (default: a random run id)"),
     validate: bool = typer.Option(True, help="check each --file line against the task contract before sending"),
+    pipeline: Optional[str] = typer.Option(None, "--pipeline", "-p", help="publish to this pipeline's input topic "
+                                           "(<prefix>.pipelines.NAME.in); --file lines then need only 'inputs', "
+                                           "as dry-run samples"),
+    topic: Optional[str] = typer.Option(None, "--topic", help="with --pipeline: its input topic when the pipeline "
+                                        "file names its own"),
     bootstrap_servers: Optional[str] = BootstrapOpt,
     prefix: Optional[str] = PrefixOpt,
 ) -> None:
-    """Publish task events (from a JSON-lines file, real digit images, or texts)."""
+    """Publish task events (from a JSON-lines file, real digit images, or texts) to the models' topics
+    or, with --pipeline, to a pipeline's input topic."""
     from autoglm import tasks as task_sources
 
     settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
@@ -120,13 +126,22 @@ def publish(
         typer.echo("error: give exactly one of --file, --digits, --text-file", err=True)
         raise typer.Exit(2)
     run_id = id_prefix or uuid.uuid4().hex[:8]
+    if topic is not None and pipeline is None:
+        typer.echo("error: --topic goes with --pipeline (a model's tasks go to its own topic)", err=True)
+        raise typer.Exit(2)
+    into = (topic or f"{settings.topic_prefix}.pipelines.{pipeline}.in") if pipeline else None
+    as_model = f"pipeline:{pipeline}" if pipeline else None
     try:
         if file is not None:
-            records = task_sources.records_from_jsonl(file, settings.topic_prefix, validate=validate)
+            records = task_sources.records_from_jsonl(file, settings.topic_prefix, validate=validate, topic=into,
+                                                      model=as_model)
         elif digits is not None:
-            records = task_sources.digit_records(digits, run_id, settings.topic_prefix)
+            records = task_sources.digit_records(digits, run_id, settings.topic_prefix, topic=into,
+                                                 model=as_model or "digits")
         else:
-            records = task_sources.text_records(text_file, run_id, settings.topic_prefix, model)
+            records = task_sources.text_records(text_file, run_id, settings.topic_prefix, as_model or model)
+            if into is not None:
+                records = [(into, key, value) for _, key, value in records]
         count = asyncio.run(task_sources.send_records(servers, records, _kafka_kwargs(settings)))
     except AutoGLMError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,9 +43,15 @@ def digit_tasks(n: int, run_id: str) -> list[Task]:
     ]
 
 
-def digit_records(n: int, run_id: str, prefix: str) -> list[Record]:
+def digit_records(n: int, run_id: str, prefix: str, topic: str | None = None, model: str = "digits") -> list[Record]:
+    """``n`` digits tasks as records for the ``digits`` task topic (or ``topic``, e.g. a pipeline's input,
+    with ``model`` in their ``model`` field)."""
     names = TopicNames(prefix)
-    return [(names.tasks(t.model), t.id.encode(), encode_task(t)) for t in digit_tasks(n, run_id)]
+    tasks = digit_tasks(n, run_id)
+    if topic is not None:
+        return [(topic, t.id.encode(), encode_task(replace(t, model=model, inputs=t.inputs.reshape(1, -1))))
+                for t in tasks]
+    return [(names.tasks(t.model), t.id.encode(), encode_task(t)) for t in tasks]
 
 
 def text_records(path: Path, run_id: str, prefix: str, model: str) -> list[Record]:
@@ -58,19 +65,32 @@ def text_records(path: Path, run_id: str, prefix: str, model: str) -> list[Recor
     ]
 
 
-def records_from_jsonl(path: Path, prefix: str, *, validate: bool = True) -> list[Record]:
+def records_from_jsonl(path: Path, prefix: str, *, validate: bool = True, topic: str | None = None,
+                       model: str | None = None) -> list[Record]:
     """Each non-empty line is one task event; the topic is that of its ``model``.
+
+    With ``topic`` (a pipeline's input topic) every line goes there, and a line may leave out
+    ``schema``, ``id`` (``<file stem>-<line>``) and ``model`` (``model``), as ``pipeline dry-run``
+    samples do.
 
     Raises:
         EventError: a line is not a valid task (with ``validate``), naming the line number.
     """
+    import orjson
+
     names = TopicNames(prefix)
     out: list[Record] = []
     for lineno, line in enumerate(_open_text(path), start=1):
         raw = line.strip().encode()
-        if not raw:
+        if not raw or raw.startswith(b"#"):
             continue
         try:
+            if topic is not None:
+                doc = loads(raw)
+                if not isinstance(doc, dict):
+                    raise EventDecodeError("expected a JSON object (a task)")
+                defaults = {"schema": "autoglm.task/v1", "id": f"{Path(str(path)).stem}-{lineno}", "model": model}
+                raw = orjson.dumps({**{k: v for k, v in defaults.items() if v is not None}, **doc})
             if validate:
                 task = decode_task(raw)
                 model, key = task.model, task.id
@@ -84,7 +104,7 @@ def records_from_jsonl(path: Path, prefix: str, *, validate: bool = True) -> lis
             located = EventError(f"{path}:{lineno}: {exc}")
             located.code = exc.code
             raise located from None
-        out.append((names.tasks(model), key.encode(), raw))
+        out.append((topic or names.tasks(model), key.encode(), raw))
     return out
 
 

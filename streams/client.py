@@ -266,22 +266,21 @@ class Client:
             if not self._started:
                 await self._start()
 
-    async def _check_task_topic(self, model: str) -> None:
-        """Fail at once, with the reason, when no worker created ``model``'s task topic (a producer
-        would wait for its metadata until its request timeout, logging every retry).
+    async def _check_task_topic(self, topic: str, what: str) -> None:
+        """Fail at once, with the reason, when no worker created the task topic of ``what`` (a model or
+        a pipeline; a producer would wait for its metadata until its request timeout, logging every retry).
 
         Raises:
-            TopicMissingError: the topic does not exist (checked once per model and client).
+            TopicMissingError: the topic does not exist (checked once per topic and client).
         """
-        topic = self.names.tasks(model)
         if topic in self._known_topics:
             return
         try:
             await partitions_of(self._bootstrap, topic, timeout_s=3.0, client_kwargs=self._kwargs)
         except TopicMissingError:
             raise TopicMissingError(
-                f"topic {topic!r} does not exist: is a worker serving model {model!r} with prefix "
-                f"{self.names.prefix!r}? (workers create their models' task topics at start)") from None
+                f"topic {topic!r} does not exist: is a worker serving {what} with prefix "
+                f"{self.names.prefix!r}? (workers create the topics they read at start)") from None
         self._known_topics.add(topic)
 
     async def _start(self) -> None:
@@ -423,9 +422,45 @@ class Client:
             ReplyTimeoutError: some result did not arrive within ``timeout_s``.
             BrokerError: a task could not be published.
         """
+        return await self._submit(self.names.tasks(model), model, inputs, priority=priority, deadline_s=deadline_s,
+                                  timeout_s=timeout_s, attributes=attributes, what=f"model {model!r}")
+
+    async def infer_pipeline(self, pipeline: str, inputs: Any, *, topic: str | None = None, **kwargs: Any) -> Any:
+        """Run one task through a pipeline served on Kafka (``autoglm pipeline run``) and return its outputs.
+
+        Args:
+            pipeline: the pipeline's name.
+            inputs: as :meth:`infer`.
+            topic: the pipeline's input topic when its file names one (default
+                ``<prefix>.pipelines.<name>.in``).
+            kwargs: ``priority``, ``deadline_s``, ``timeout_s``, ``attributes``, as :meth:`infer`.
+
+        Returns:
+            ``{result name: array}``: the outputs the pipeline's ``output`` names, of the steps that ran
+            (the whole result, with ``skipped`` and per-step ``steps``, from :meth:`pipeline_results`).
+
+        Raises:
+            as :meth:`infer`.
+        """
+        (result,) = await self.pipeline_results(pipeline, [inputs], topic=topic, **kwargs)
+        outputs = _outputs_of(result)
+        return {} if outputs is None else outputs
+
+    async def pipeline_results(self, pipeline: str, inputs: Iterable[Any], *, topic: str | None = None,
+                               priority: int | None = None, deadline_s: float | None = None,
+                               timeout_s: float = 30.0, attributes: dict[str, str] | None = None) -> list[Result]:
+        """As :meth:`results`, through a pipeline: one task per entry of ``inputs`` (its ``model`` field is
+        ``pipeline:<name>``), the whole :class:`Result` of each, in order."""
+        return await self._submit(topic or self.names.pipeline_input(pipeline), f"pipeline:{pipeline}", inputs,
+                                  priority=priority, deadline_s=deadline_s, timeout_s=timeout_s,
+                                  attributes=attributes, what=f"pipeline {pipeline!r}")
+
+    async def _submit(self, topic: str, model: str, inputs: Iterable[Any], *, priority: int | None,
+                      deadline_s: float | None, timeout_s: float, attributes: dict[str, str] | None,
+                      what: str) -> list[Result]:
         await self.start()
         assert self._producer is not None
-        await self._check_task_topic(model)
+        await self._check_task_topic(topic, what)
         loop = asyncio.get_running_loop()
         created = now_ms()
         deadline_ms = None if deadline_s is None else created + int(deadline_s * 1000)
@@ -438,19 +473,20 @@ class Client:
             self._waiting[task.id] = fut
             futures.append(fut)
         try:
-            sends = [await self._producer.send(self.names.tasks(model), encode_task(t), key=t.id.encode())
-                     for t in tasks]
+            sends = [await self._producer.send(topic, encode_task(t), key=t.id.encode()) for t in tasks]
             await asyncio.gather(*sends)
         except KafkaError as exc:
             self._forget(tasks)
-            raise BrokerError(f"publish to {self.names.tasks(model)!r} failed: {exc!r}") from exc
+            raise BrokerError(f"publish to {topic!r} failed: {exc!r}") from exc
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*futures), timeout_s))
-        except asyncio.TimeoutError:
-            missing = sum(not f.done() for f in futures)
-            raise ReplyTimeoutError(f"{missing} of {len(tasks)} results of model {model!r} did not arrive within "
-                                    f"{timeout_s} s (is a worker serving {self.names.tasks(model)!r}?)") from None
+            _, missing = await asyncio.wait(futures, timeout=timeout_s)
+            if missing:
+                raise ReplyTimeoutError(f"{len(missing)} of {len(tasks)} results of {what} did not arrive within "
+                                        f"{timeout_s} s (is a worker serving {topic!r}?)")
+            return [f.result() for f in futures]
         finally:
+            for fut in futures:
+                fut.cancel()  # a no-op on the done ones
             self._forget(tasks)
 
     def _forget(self, tasks: list[Task]) -> None:
@@ -511,6 +547,10 @@ class SyncClient:
     def infer(self, model: str, inputs: Any, **kwargs: Any) -> Any:
         """:meth:`Client.infer`, blocking."""
         return self._call(self._client.infer(model, inputs, **kwargs))
+
+    def infer_pipeline(self, pipeline: str, inputs: Any, **kwargs: Any) -> Any:
+        """:meth:`Client.infer_pipeline`, blocking."""
+        return self._call(self._client.infer_pipeline(pipeline, inputs, **kwargs))
 
     def infer_many(self, model: str, inputs: Iterable[Any], **kwargs: Any) -> list[Any]:
         """:meth:`Client.infer_many`, blocking."""

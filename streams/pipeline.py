@@ -303,7 +303,8 @@ class TaskPipeline:
     def model_in_flight(self, name: str, partitions: Sequence[Hashable]) -> int:
         """Tasks of ``name`` received on ``partitions`` and not yet acknowledged, plus those waiting
         for their ``reply_to`` topic."""
-        waiting = sum(1 for tasks in self._awaiting_topic.values() for p in tasks if p.task.model == name)
+        waiting = sum(1 for tasks in self._awaiting_topic.values() for p in tasks
+                      if self.names.model_of(p.partition[0]) == name)
         return sum(self.tracker.in_flight(tp) for tp in partitions) + waiting
 
     async def stop(self, timeout_s: float = 30.0) -> None:
@@ -537,8 +538,8 @@ class TaskPipeline:
             await self._topics.exists(topic)
         finally:
             for pending in self._awaiting_topic.pop(topic, []):
-                if self._topics.cached(topic):
-                    self._admit(pending, pending.task.model)
+                if self._topics.cached(topic):  # the stream it arrived on (a model, or a pipeline step)
+                    self._admit(pending, self.names.model_of(pending.partition[0]))
                 else:
                     self._reject_reply_to(pending)
 

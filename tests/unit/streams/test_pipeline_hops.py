@@ -227,3 +227,41 @@ def test_control_targets_select_pipeline_streams():
     assert control_key("pause", {"pipeline": "p"}) == "run/*/*@p"
     assert control_key("pause", {"pipeline": "p", "step": "s", "model": "m"}) == "run/*/m@p.s"
     assert control_key("pause", {"model": "m"}) == "run/*/m"
+
+
+async def test_a_pipeline_task_whose_reply_to_is_checked_first_is_served_and_answered_there():
+    from .test_pipeline import Topics
+
+    async def exists(topic: str) -> bool:
+        return topic == "mine"
+
+    broker = FakeBroker()
+    pipeline = toy_pipeline()
+    stages = {st.name: st for st in stages_of(pipeline, TopicNames("t"), {"toy": (("x",), ("y",))})}
+    tp = TaskPipeline(
+        names=TopicNames("t", streams={name: st.topic for name, st in stages.items()}), worker_id="w",
+        runners={name: FakeRunner() for name in stages},
+        policies={name: FixedBatchPolicy(max_batch_size=4, max_wait_s=0.0) for name in stages},
+        produce=broker.produce, ack=broker.ack, max_in_flight=100, clock=lambda: 100.0, stages=stages,
+        topics=Topics(exists),
+    )
+    tp.start()
+    await feed(tp, IN_TOPIC, 0, 0, b"a", task_bytes("a", rows(0), reply_to="mine"), "in0")
+    await feed(tp, IN_TOPIC, 0, 1, b"b", task_bytes("b", rows(0), reply_to="nowhere"), "in1")
+    await finish(tp)
+    assert broker.results_by_id("mine")["a"].status == "ok"
+    assert broker.results_by_id()["b"].status == "rejected" and broker.acked == ["in0", "in1"]
+
+
+async def test_a_task_past_its_deadline_at_a_step_gets_an_expired_pipeline_result():
+    broker = FakeBroker()
+    tp, runners = make(broker)
+    hop = Hop(TaskState("late", None, {}, outputs={"double": {"y": rows(1) * 2}}), "toy", "p", "again",
+              deadline_ms=1, created_ms=1, steps=[{"step": "double", "batch_size": 1, "queue_ms": 1.0,
+                                                   "inference_ms": 2.0}])
+    await feed(tp, AGAIN_TOPIC, 0, 0, b"late", encode_hop(hop), "hop0")
+    await finish(tp)
+    result = broker.results_by_id()["late"]
+    assert result.status == "expired" and result.error.code == "deadline" and "step 'again'" in result.error.message
+    assert result.pipeline == "p" and [s["step"] for s in result.steps] == ["double"]
+    assert runners["p/again"].batch_sizes == [] and broker.acked == ["hop0"]
