@@ -151,3 +151,20 @@ def test_kubernetes_numbers_hold_together():
         assert int(meta["lagThreshold"]) > 0
         topics.add(meta["topic"])
     assert topics == {f"{settings.topic_prefix}.tasks.{m}" for m in settings.models}
+
+
+def test_the_compose_pipeline_service_runs_a_shipped_pipeline_that_validates():
+    from autoglm.pipelines import validate_file
+
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    service = compose["services"]["pipeline"]
+    assert service["profiles"] == ["pipeline"]  # not part of the default stack
+    (mount,) = service["volumes"]
+    host, container, _ = mount.split(":")
+    command = service["command"]
+    assert command[:2] == ["pipeline", "run"] and command[2].startswith(container + "/")
+    path = (DOCKER / host / command[2][len(container) + 1:]).resolve()
+    pipeline, errors = validate_file(path)
+    assert errors == [] and pipeline.name == "digits-routing"
+    assert service["environment"]["AUTOGLM_BOOTSTRAP_SERVERS"] == compose["services"]["worker"]["environment"][
+        "AUTOGLM_BOOTSTRAP_SERVERS"]
