@@ -218,6 +218,9 @@ def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wa
              params: Optional[dict] = None, pipeline: Optional[str] = None, step: Optional[str] = None) -> None:
     from autoglm.streams.control import ControlClient
 
+    if step and not pipeline:
+        typer.echo("error: --step names a step within its pipeline: give --pipeline too", err=True)
+        raise typer.Exit(2)
     settings = _settings(bootstrap_servers=bootstrap_servers, topic_prefix=prefix)
     servers = _need_broker(settings)
 

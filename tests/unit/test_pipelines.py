@@ -172,3 +172,30 @@ def test_validate_against_a_repository_reports_an_invalid_model_yaml(tmp_path):
     assert result.exit_code == 2
     assert f"{spec}:3: key 'steps[0].model': model 'broken': its model.yaml is invalid:" in result.stderr
     assert "key 'inputs'" in result.stderr
+
+
+def test_pipeline_run_refuses_an_invalid_file_before_any_broker_or_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOGLM_BOOTSTRAP_SERVERS", "127.0.0.1:9")  # nothing listens: it must not get there
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(PIPELINE.read_text().replace("model: digits-linear", "model: digits-cubic"))
+    result = run("pipeline", "run", str(bad))
+    assert result.exit_code == 2
+    assert f"error: {bad}:15: key 'steps[1].model': model 'digits-cubic': no such model" in result.stderr
+
+
+def test_cli_target_and_topic_checks_exit_2_before_publishing(monkeypatch):
+    monkeypatch.setenv("AUTOGLM_BOOTSTRAP_SERVERS", "127.0.0.1:9")
+    step_alone = run("ctl", "pause", "--step", "second")
+    assert step_alone.exit_code == 2 and "give --pipeline too" in step_alone.stderr
+    topic_alone = run("publish", "--digits", "3", "--topic", "elsewhere")
+    assert topic_alone.exit_code == 2 and "--topic goes with --pipeline" in topic_alone.stderr
+
+
+def test_a_pipeline_worker_serves_its_pipelines_only_unless_models_are_named(monkeypatch):
+    from autoglm.config import load_settings
+
+    monkeypatch.delenv("AUTOGLM_MODELS", raising=False)
+    assert load_settings(pipelines=(str(PIPELINE),)).models == ()
+    assert load_settings(pipelines=(str(PIPELINE),), models="digits").models == ("digits",)
+    monkeypatch.setenv("AUTOGLM_PIPELINES", f"{PIPELINE}, other.yaml")
+    assert load_settings().pipelines == (str(PIPELINE), "other.yaml") and load_settings().models == ()
