@@ -24,8 +24,9 @@ import numpy as np
 
 #: the reference to the pipeline's input (``input``, or ``input.<name>`` for one named input tensor)
 INPUT = "input"
-#: names a step may not have: they read as something else in a reference
-RESERVED_STEP_NAMES = (INPUT, "attributes")
+#: names a step may not have: they read as something else in a reference (``input``, ``attributes``), or
+#: the step's topic ``<prefix>.pipelines.<name>.<step>`` would be the pipeline's input topic (``in``)
+RESERVED_STEP_NAMES = (INPUT, "attributes", "in")
 #: row reductions a ``when`` may apply to an output: each row's elements -> one number
 REDUCERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "max": lambda rows: rows.max(axis=1),

@@ -230,8 +230,8 @@ class _Checker:
             if not isinstance(name, str) or not STEP_NAME_RE.match(name):
                 self.err(path, f"expected a step name of [a-zA-Z0-9_-], got {'nothing' if name is None else repr(name)}")
             elif name in RESERVED_STEP_NAMES:
-                self.err(path, f"step name {name!r} is reserved ({', '.join(RESERVED_STEP_NAMES)} read as "
-                               "the pipeline input and the task attributes)")
+                self.err(path, f"step name {name!r} is reserved (input and attributes read as the pipeline "
+                               "input and the task attributes; in is the input topic's last part)")
             elif name in self.step_paths:
                 self.err(path, f"step name {name!r} collides with the step at line "
                                f"{self.doc.line(self.step_paths[name])}")

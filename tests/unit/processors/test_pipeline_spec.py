@@ -108,6 +108,8 @@ def test_a_list_output_is_named_step_dot_output_and_a_whole_step_expands():
      "output: a.outputs\n", 4, "steps[1].name", "collides with the step at line 3"),
     ("name: p\nsteps:\n  - {name: input, model: digits, inputs: [input]}\noutput: [input.outputs]\n",
      3, "steps[0].name", "reserved"),
+    ("name: p\nsteps:\n  - {name: a, model: digits, inputs: [input]}\n  - {name: in, model: digits, inputs: [input]}\n"
+     "output: [a.outputs]\n", 4, "steps[1].name", "in is the input topic's last part"),
     ("name: p\nsteps:\n  - {name: a, model: digits, inputs: [input]}\n  - {name: b, model: digits, inputs: [input]}\n"
      "output:\n  x: a.outputs.probabilities\n  y: b.outputs.probabilities\n  x: b.outputs.probabilities\n",
      8, "output.x", "duplicate key 'x' (first at line 6)"),
