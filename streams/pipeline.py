@@ -762,8 +762,9 @@ class TaskPipeline:
                 self.counters.results_expired += 1
             elif result.status == "error":
                 self.counters.results_error += 1
-            if result.status != "ok":
-                self.metrics.count_tasks(result.model, result.status)
+            if result.status != "ok":  # a pipeline task's model field is the client's text: its stream's name
+                label = result.model if pending.hop is None else self.names.model_of(pending.partition[0])
+                self.metrics.count_tasks(label, result.status)
             if result.status == "error" and result.error is not None and result.error.code == "inference":
                 # this task made the model fail on its own (isolated by bisection): keep its bytes
                 self.counters.isolated_failures += 1
