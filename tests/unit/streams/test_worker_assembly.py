@@ -57,3 +57,32 @@ def test_fetch_limits_follow_the_cap_and_the_record_limit():
     assert fetch_limits(20, mib, 4 * mib) == {"fetch_max_bytes": 20 * mib, "max_partition_fetch_bytes": 4 * mib}
     assert fetch_limits(2, mib, 4 * mib) == {"fetch_max_bytes": 4 * mib, "max_partition_fetch_bytes": 4 * mib}
     assert fetch_limits(100_000, mib, 4 * mib)["fetch_max_bytes"] == 50 * mib
+
+
+def test_a_pipeline_worker_wires_its_steps_as_streams(tmp_path):
+    """Stages from the shipped digits-routing file: topics read, control streams, and each step's policy
+    from the worker settings, then the step's batching and its share of the pipeline's latency target."""
+    from pathlib import Path
+
+    from autoglm.pipelines import load_pipeline
+    from autoglm.processors.control import Stream
+    from autoglm.streams.hops import stages_of
+    from autoglm.streams.topics import TopicNames
+
+    example = Path(__file__).resolve().parents[3] / "examples" / "pipelines" / "digits-routing" / "pipeline.yaml"
+    pipeline = load_pipeline(example)
+    stages = {st.name: st for st in stages_of(pipeline, TopicNames("pfx"), {
+        "digits": (("image",), ("probabilities",)), "digits-linear": (("image",), ("probabilities",))})}
+    config = WorkerConfig(ConsumerConfig(["k:9092"], "g", (), max_in_flight=1024), prefix="pfx", latency_target_s=0.5,
+                          max_batch_size=256, max_wait_s=0.05)
+    worker = Worker(config, {"digits": Runner(), **{name: Runner() for name in stages}}, stages=stages)
+
+    assert worker.consumer.config.topics == ("pfx.tasks.digits", "pfx.pipelines.digits-routing.in",
+                                             "pfx.pipelines.digits-routing.second")
+    assert worker.names.model_of("pfx.pipelines.digits-routing.second") == "digits-routing/second"
+    assert worker.control_state.streams["digits-routing/first"] == Stream("digits", "digits-routing", "first")
+    first, second = (worker.pipeline.policies[f"digits-routing/{s}"] for s in ("first", "second"))
+    assert (first.max_batch_size, first.max_wait_s, first.latency_target_s) == (64, 0.01, 0.1)
+    assert (second.max_batch_size, second.latency_target_s) == (16, 0.1)
+    plain = worker.pipeline.policies["digits"]
+    assert (plain.max_batch_size, plain.latency_target_s) == (256, 0.5)
