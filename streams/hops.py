@@ -157,12 +157,15 @@ class StepStage:
 
     # -- out --------------------------------------------------------------------------------
 
-    def served(self, hop: Hop, outcome: Any, timing: dict[str, Any]) -> StepError | None:
+    def served(self, hop: Hop, outcome: Any, timing: dict[str, Any], *, finite: bool = False) -> StepError | None:
         """Record one task's outcome of this step's micro-batch (and the step's ``timing``); the
-        :class:`StepError` when the step failed for it (NaN/inf outputs: ``invalid_output``)."""
+        :class:`StepError` when the step failed for it (NaN/inf outputs: ``invalid_output``).
+
+        ``finite``: the caller checked the whole batch's outputs for NaN/inf already (else they are
+        checked here, for this task)."""
         hop.steps.append(timing)
         got = step_outputs(outcome, self.output_names)
-        if not isinstance(got, StepError) and not all_finite([np.asarray(a) for a in got.values()]):
+        if not isinstance(got, StepError) and not finite and not all_finite([np.asarray(a) for a in got.values()]):
             got = StepError("invalid_output", f"model {self.step.model!r} gave NaN or inf")
         if isinstance(got, StepError):
             hop.state.errors[self.step.name] = got

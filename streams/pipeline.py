@@ -66,7 +66,7 @@ from autoglm.streams.events import (
     now_ms,
     readable_field,
 )
-from autoglm.streams.results import BatchResultEncoder, all_finite
+from autoglm.streams.results import BatchResultEncoder, PipelineResultEncoder, all_finite
 from autoglm.streams.topics import TopicNames
 from autoglm.streams.tracing import BatchTracing
 
@@ -688,6 +688,9 @@ class TaskPipeline:
         step_model = stage.step.model
         now_s = self.clock()
         inference_ms = round(inference_s * 1000.0, 3)
+        # NaN/inf: one vectorised check of the batch's outputs; task by task only when it fails
+        checked = all_finite([a for o in outcomes if o.ok for a in _arrays(o.output)])
+        encoder = PipelineResultEncoder(stage.pipeline.name, self.worker_id, len(batch))
         groups: list[tuple[Hashable, int, list[Record]]] = []
         latencies_s: list[float] = []
         failed: set[str] = set()
@@ -697,11 +700,11 @@ class TaskPipeline:
                       "inference_ms": inference_ms}
             if outcome.served_by and outcome.served_by != step_model:
                 timing["served_by"] = outcome.served_by
-            error = stage.served(p.hop, outcome, timing)
+            error = stage.served(p.hop, outcome, timing, finite=checked)
             if error is not None:
                 failed.add(error.code)
             latencies_s.append(now_s - p.received_s)
-            groups.append(self._forward(p, isolated=error is not None and error.code == "inference"))
+            groups.append(self._forward(p, isolated=error is not None and error.code == "inference", encoder=encoder))
         ok = len(batch) - sum(1 for p in batch if stage.step.name in p.hop.state.errors)
         if ok:
             self.metrics.count_tasks(name, "ok", ok)
@@ -712,16 +715,29 @@ class TaskPipeline:
     def _stage_of(self, pending: Pending) -> Any:
         return self.stages[self.names.model_of(pending.partition[0])]
 
-    def _forward(self, pending: Pending, *, isolated: bool = False) -> tuple[Hashable, int, list[Record]]:
+    def _forward(self, pending: Pending, *, isolated: bool = False,
+                 encoder: PipelineResultEncoder | None = None) -> tuple[Hashable, int, list[Record]]:
         """The records a pipeline step's task becomes: a hop to its next step or its result (plus a
-        dead letter with its bytes when it made the step's model fail on its own)."""
+        dead letter with its bytes when it made the step's model fail on its own). ``encoder``: the
+        batch's, for an ``ok`` result."""
         hop = pending.hop
         headers = self.tracing.result_headers(pending.headers) if self.tracing.enabled else []
         out = self._stage_of(pending).forward(hop, worker=self.worker_id)
         if isinstance(out, tuple):
             records: list[Record] = [(out[0], hop.state.id.encode(), out[1], headers)]
         else:
-            result, value = self._encode_checked(out)
+            value = None
+            if encoder is not None and out.status == "ok":
+                try:
+                    value = encoder.encode(out)
+                except TensorError:
+                    value = None
+                if value is not None and self.max_result_bytes is not None and len(value) > self.max_result_bytes:
+                    value = None
+            if value is not None:
+                result = out
+            else:  # the rare paths: an error, a dtype the wire has not, a result too large
+                result, value = self._encode_checked(out)
             if result.status == "ok":
                 self.counters.results_ok += 1
             else:

@@ -85,3 +85,56 @@ def all_finite(arrays: list[np.ndarray]) -> bool:
         return True
     joined = floats[0] if len(floats) == 1 else np.concatenate(floats)
     return bool(np.isfinite(joined).all())
+
+
+class PipelineResultEncoder:
+    """Encodes the ``ok`` pipeline results of the tasks a step's micro-batch finishes.
+
+    They share ``schema``, ``status``, ``pipeline``, ``worker`` and ``batch_size`` (the finishing
+    step's batch), serialised once; per task its id, model, timings, attributes, ``steps``,
+    ``skipped`` and named outputs. The outputs' finiteness is not checked here: every output was
+    checked when its step served it (:meth:`autoglm.streams.hops.StepStage.served`). The bytes
+    decode to the same result as :func:`~autoglm.streams.events.encode_result` gives.
+
+    Args:
+        pipeline: the pipeline's name.
+        worker: the worker id.
+        batch_size: tasks in the finishing step's batch.
+    """
+
+    __slots__ = ("_prefix", "_names")
+
+    def __init__(self, pipeline: str, worker: str, batch_size: int):
+        shared = {"schema": RESULT_SCHEMA, "status": "ok", "pipeline": pipeline, "worker": worker,
+                  "batch_size": batch_size}
+        self._prefix = orjson.dumps(shared)[:-1] + b","
+        self._names: dict[np.dtype, str] = {}
+
+    def encode(self, result: Any) -> bytes:
+        """One ``ok`` result (a :class:`~autoglm.streams.events.Result` with ``pipeline`` set).
+
+        Raises:
+            TensorError: an output's dtype is not a wire dtype.
+        """
+        doc: dict[str, Any] = {
+            "id": result.id, "model": result.model, "queue_ms": round(result.queue_ms, 3),
+            "inference_ms": round(result.inference_ms, 3), "end_to_end_ms": round(result.end_to_end_ms, 3),
+            "attributes": result.attributes, "steps": result.steps,
+        }
+        if result.outputs is not None:
+            doc["outputs"] = {name: self._tensor(array) for name, array in result.outputs.items()}
+        if result.skipped:
+            doc["skipped"] = result.skipped
+        return self._prefix + orjson.dumps(doc)[1:]
+
+    def _tensor(self, array: np.ndarray) -> dict[str, Any]:
+        dtype = array.dtype
+        name = self._names.get(dtype)
+        if name is None:
+            name = dtype.name
+            if name not in SUPPORTED_DTYPES:
+                raise TensorError("outputs.dtype", f"one of {sorted(SUPPORTED_DTYPES)}", preview(name))
+            self._names[dtype] = name
+        if dtype.byteorder == ">":
+            array = array.astype(dtype.newbyteorder("<"))
+        return {"dtype": name, "shape": array.shape, "data": base64.b64encode(array.tobytes()).decode("ascii")}

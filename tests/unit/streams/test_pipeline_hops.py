@@ -265,3 +265,44 @@ async def test_a_task_past_its_deadline_at_a_step_gets_an_expired_pipeline_resul
     assert result.status == "expired" and result.error.code == "deadline" and "step 'again'" in result.error.message
     assert result.pipeline == "p" and [s["step"] for s in result.steps] == ["double"]
     assert runners["p/again"].batch_sizes == [] and broker.acked == ["hop0"]
+
+
+async def test_a_step_that_outputs_nan_gives_that_task_an_error_and_the_rest_of_its_batch_results():
+    class NanRunner(FakeRunner):
+        async def run(self, items):
+            outs = await super().run(items)
+            return [np.full_like(o, np.nan) if o[0, 0] == 2000 else o for o in outs]
+
+    broker = FakeBroker()
+    tp, runners = make(broker)
+    tp.runners["p/double"] = NanRunner()
+    await feed(tp, IN_TOPIC, 0, 0, b"a", task_bytes("a", rows(0)), "in0")
+    await feed(tp, IN_TOPIC, 0, 1, b"b", task_bytes("b", rows(0) + 1000), "in1")  # doubled: 2000 -> NaN
+    await finish(tp)
+    results = broker.results_by_id()
+    assert results["a"].status == "ok"
+    assert results["b"].status == "error" and results["b"].error.code == "invalid_output"
+    assert "step 'double'" in results["b"].error.message and broker.acked == ["in0", "in1"]
+
+
+def test_the_batch_encoder_of_pipeline_results_decodes_as_encode_result():
+    import dataclasses
+
+    from autoglm.streams.events import Result, decode_result, encode_result
+    from autoglm.streams.results import PipelineResultEncoder
+
+    result = Result(id="t", model="pipeline:p", status="ok", worker="w", batch_size=7, queue_ms=1.23456,
+                    inference_ms=2.5, end_to_end_ms=9.0, attributes={"k": "v"}, pipeline="p",
+                    outputs={"a.y": np.arange(6, dtype=np.float32).reshape(2, 3), "b.z": np.array([3], np.int64),
+                             "c": np.arange(2, dtype=">f8")},
+                    steps=({"step": "a", "model": "m", "worker": "w", "batch_size": 7, "queue_ms": 1.0,
+                            "inference_ms": 2.5},), skipped={"d": "skipped: ..."})
+    fast = decode_result(PipelineResultEncoder("p", "w", 7).encode(result))
+    plain = decode_result(encode_result(result))
+    for f in dataclasses.fields(Result):
+        got, want = getattr(fast, f.name), getattr(plain, f.name)
+        if f.name == "outputs":
+            assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) and got[k].dtype == want[k].dtype
+                                                   for k in got)
+        else:
+            assert got == want, f.name
