@@ -48,7 +48,9 @@ async function publish(body) {
     error.textContent = doc.error || `HTTP ${response.status}`;
     return;
   }
-  view.commands.set(doc.event_id, doc);
+  // the Server-Sent Events stream may have brought this command already, with acks newer than
+  // this response (a fast worker acks before the POST's answer reaches the page): keep those
+  if (!view.commands.has(doc.event_id)) view.commands.set(doc.event_id, doc);
   renderCommands();
 }
 
