@@ -252,7 +252,9 @@ class ConsoleState:
 
         Heartbeats update the worker and append history points; ``stopped``
         marks the worker stopped; an ack updates the worker's state and, when
-        it answers a command this console sent, that command's ack table.
+        it answers a command this console sent, that command's ack table. The
+        worker's control state (paused, ...) is that of its newest heartbeat or ack
+        by ``time_ms``, whichever order the status topic holds them in.
         """
         worker = doc.get("worker")
         kind = doc.get("kind")
@@ -260,13 +262,14 @@ class ConsoleState:
         if not isinstance(worker, str):
             return []
         entry = self.workers.setdefault(worker, {"worker": worker, "heartbeat": None, "stopped_ms": None,
-                                                 "state": {}, "last_ms": 0})
+                                                 "state": {}, "state_ms": -1, "last_ms": 0})
         entry["last_ms"] = max(entry["last_ms"], time_ms)
         updates: list[dict[str, Any]] = []
         if kind == "heartbeat":
             if entry["heartbeat"] is None or time_ms >= int(entry["heartbeat"].get("time_ms") or 0):
                 entry["heartbeat"] = dict(doc)
-                entry["state"] = doc.get("state") or {}
+                if time_ms >= entry["state_ms"]:  # not over the state of a newer ack
+                    entry["state"], entry["state_ms"] = doc.get("state") or {}, time_ms
                 if entry["stopped_ms"] is not None and time_ms > entry["stopped_ms"]:
                     entry["stopped_ms"] = None  # restarted with the same id
             points = {}
@@ -278,8 +281,8 @@ class ConsoleState:
         elif kind == "stopped":
             entry["stopped_ms"] = time_ms
         elif kind == "ack":
-            if isinstance(doc.get("state"), dict):
-                entry["state"] = doc["state"]
+            if isinstance(doc.get("state"), dict) and time_ms >= entry["state_ms"]:
+                entry["state"], entry["state_ms"] = doc["state"], time_ms
             event_id = str(doc.get("event_id"))
             ack = {"status": doc.get("status"), "reason": doc.get("reason") or "", "time_ms": time_ms}
             pending = self.commands.get(event_id)

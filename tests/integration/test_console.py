@@ -330,6 +330,9 @@ async def test_console_pauses_and_resumes_a_pipeline(kafka_bootstrap, prefix, wo
             await expect(page.locator(f'{pipe} table.pipeline-workers tr[data-worker="w0"] td.state')).to_have_text("running")
             await expect(page.locator(f'{pipe} section.step[data-step="first"] tr[data-worker="w1"] td.state')
                          ).to_have_text("running")
+            shot = os.environ.get("AUTOGLM_CONSOLE_PIPELINE_SCREENSHOT")
+            if shot:
+                await page.screenshot(path=shot, full_page=True)
         finally:
             await browser.close()
     assert alive(), workers.log(procs[1])

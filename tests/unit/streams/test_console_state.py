@@ -255,3 +255,19 @@ def test_a_pipeline_command_expects_every_live_worker():
                              issued_ms=T0, now_ms=T0, timeout_s=5.0)
     assert pending.expected == ["w0", "w1"]
     assert pending.view(T0)["target"] == {"pipeline": "digits-routing"}
+
+
+def test_an_older_heartbeat_read_after_an_ack_does_not_undo_its_state():
+    """The status topic may hold a heartbeat stamped before an ack after that ack (two sends of one
+    worker interleaving): the worker's control state is the newest by time_ms."""
+    s = ConsoleState()
+    s.observe_status(pipeline_heartbeat("w0", T0))
+    s.observe_status({"schema": "autoglm.status/v1", "kind": "ack", "worker": "w0", "time_ms": T0 + 500,
+                      "event_id": "e1", "command": "pause", "status": "ok", "reason": "",
+                      "state": pipeline_heartbeat("w0", T0, paused_steps=("first", "second"))["state"]})
+    s.observe_status(pipeline_heartbeat("w0", T0 + 400, throughput=(9.0, 9.0)))  # built before the ack
+    row = s.worker_view("w0", T0 + 600)
+    assert row["pipelines"]["digits-routing"]["state"] == "paused"
+    assert row["models"]["digits-routing/first"]["throughput_per_s"] == 9.0  # its figures are still the newest
+    s.observe_status(pipeline_heartbeat("w0", T0 + 1500))  # after the ack: its state wins again
+    assert s.worker_view("w0", T0 + 1600)["pipelines"]["digits-routing"]["state"] == "running"
