@@ -269,7 +269,8 @@ async def test_console_pauses_and_resumes_a_pipeline(kafka_bootstrap, prefix, wo
             assert alive(), workers.log(procs[0])
             await expect(page.locator(f"{pipe} section.step")).to_have_count(2)
             for step, model in STEPS.items():
-                await expect(page.locator(f'{pipe} section.step[data-step="{step}"] .runs')).to_have_text(f"runs {model}")
+                await expect(page.locator(f'{pipe} section.step[data-step="{step}"] .runs')
+                             ).to_have_text(f"runs {model}")
             assert await page.locator(f"{pipe} section.step").evaluate_all(
                 "els => els.map(e => e.dataset.step)") == list(STEPS), "steps in the pipeline's order"
             await expect(page.locator("#models article.model")).to_have_count(1)  # digits on its own topic only
@@ -327,7 +328,8 @@ async def test_console_pauses_and_resumes_a_pipeline(kafka_bootstrap, prefix, wo
             await expect(one.locator("li")).to_have_count(1)  # only w1 was targeted
             await expect(page.locator(f'{pipe} table.pipeline-workers tr[data-worker="w1"] td.state')
                          ).to_have_text("partly paused", timeout=10_000)
-            await expect(page.locator(f'{pipe} table.pipeline-workers tr[data-worker="w0"] td.state')).to_have_text("running")
+            await expect(page.locator(f'{pipe} table.pipeline-workers tr[data-worker="w0"] td.state')
+                         ).to_have_text("running")
             await expect(page.locator(f'{pipe} section.step[data-step="first"] tr[data-worker="w1"] td.state')
                          ).to_have_text("running")
             shot = os.environ.get("AUTOGLM_CONSOLE_PIPELINE_SCREENSHOT")
