@@ -12,7 +12,8 @@ A second case steers a pipeline: two workers serve ``digits`` and the steps of t
 model it runs), its "pause" makes both workers acknowledge, shows every step paused on each
 worker, and the workers' next heartbeats say neither step fetches while ``digits`` (the model
 the first step runs, on its own topic) still does; pipeline tasks wait; "resume" undoes it all;
-a step's own "pause" on one worker leaves that worker's pipeline "partly paused".
+a step's own "pause" on one worker leaves that worker's pipeline "partly paused", and the
+control form (pipeline, step, worker) resumes it.
 
 Skips only when no ``chromium`` is on PATH (CI installs it: ``.ci/run``).
 """
@@ -335,6 +336,18 @@ async def test_console_pauses_and_resumes_a_pipeline(kafka_bootstrap, prefix, wo
             shot = os.environ.get("AUTOGLM_CONSOLE_PIPELINE_SCREENSHOT")
             if shot:
                 await page.screenshot(path=shot, full_page=True)
+
+            # -- the form: resume that step on w1 (pipeline and step picked from the pipelines shown) ------
+            await page.select_option("#control-command", "resume")
+            await page.select_option("#control-pipeline", PIPELINE)
+            await page.select_option("#control-step", "second")
+            await page.select_option("#control-worker", "w1")
+            await page.click("#control-send")
+            again = page.locator('.command[data-command="resume"][data-step="second"]').first
+            await expect(again).to_contain_text(f"resume step second of pipeline {PIPELINE} on worker w1")
+            await expect(again.locator('li[data-worker="w1"]')).to_contain_text("w1: ok", timeout=ACK_WAIT_MS)
+            await expect(page.locator(f'{pipe} table.pipeline-workers tr[data-worker="w1"] td.state')
+                         ).to_have_text("running", timeout=10_000)
         finally:
             await browser.close()
     assert alive(), workers.log(procs[1])
