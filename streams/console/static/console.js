@@ -79,6 +79,9 @@ function controlButtons(target) {
   return box;
 }
 
+// enables the form's fields that the chosen command takes (set up by setupForm)
+let toggleForm = () => {};
+
 function setupForm() {
   const form = $("#control-form");
   const toggle = () => {
@@ -92,7 +95,7 @@ function setupForm() {
   };
   $("#control-command").addEventListener("change", toggle);
   $("#control-pipeline").addEventListener("change", () => { syncSteps(); toggle(); });
-  form.toggle = toggle;
+  toggleForm = toggle;
   toggle();
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
@@ -169,7 +172,7 @@ function renderWorkers() {
     Object.values(w.models).filter((f) => f.pipeline).map((f) => f.runs).concat(plainModels(w))))].sort(), "all models");
   syncSelect($("#control-pipeline"), Object.keys(view.pipelines).sort(), "no pipeline");
   syncSteps();
-  $("#control-form").toggle?.();
+  toggleForm();
 }
 
 // one row per worker serving the stream `model` (a model, or a step `<pipeline>/<step>`);
