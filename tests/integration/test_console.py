@@ -333,9 +333,9 @@ async def test_console_pauses_and_resumes_a_pipeline(kafka_bootstrap, prefix, wo
                          ).to_have_text("running")
             await expect(page.locator(f'{pipe} section.step[data-step="first"] tr[data-worker="w1"] td.state')
                          ).to_have_text("running")
-            shot = os.environ.get("AUTOGLM_CONSOLE_PIPELINE_SCREENSHOT")
+            shot = os.environ.get("AUTOGLM_CONSOLE_PIPELINE_SCREENSHOT")  # docs/console-pipeline.png
             if shot:
-                await page.screenshot(path=shot, full_page=True)
+                await page.locator("#pipelines-section").screenshot(path=shot)
 
             # -- the form: resume that step on w1 (pipeline and step picked from the pipelines shown) ------
             await page.select_option("#control-command", "resume")
