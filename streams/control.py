@@ -421,6 +421,9 @@ class ControlPlane:
                 log.debug("consumer lag unavailable: %r", exc)
             for model, fig in report["models"].items():
                 fig.update(lag_figures(lags.get(model)))
+            # the state as of the heartbeat's time_ms: an event applied (and acked) while the lag was
+            # being read must not be shown undone by a heartbeat stamped after its ack
+            report["state"] = self.state.snapshot()
         self._export(report, lags)
         await self._send_status(encode_status(
             "heartbeat", self.state.worker_id, interval_s=self.status_interval_s, **report

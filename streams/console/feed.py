@@ -92,6 +92,9 @@ class ConsoleFeed:
     async def send(self, command: str, target: Mapping[str, str], params: Mapping[str, Any]) -> ControlEvent:
         """Publish one control event as ``autoglm ctl`` does (validated, keyed, signed when a key is set).
 
+        ``target`` holds any of ``model``, ``worker``, ``pipeline``, ``step`` (as ``ctl --model/--worker/
+        --pipeline/--step``).
+
         Raises:
             ValueError: invalid parameters (nothing published).
             BrokerError: the broker or the control topic is unreachable.
@@ -103,7 +106,7 @@ class ConsoleFeed:
                 await client.__aenter__()
                 self._client = client
         return await self._client.send(command, model=target.get("model"), worker=target.get("worker"),
-                                       params=params)
+                                       params=params, pipeline=target.get("pipeline"), step=target.get("step"))
 
     # -- readers ------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import math
 import secrets
 from typing import Any, Mapping
 
-from autoglm.processors.control import CONFIGURE_PARAMS, check_configure_params
+from autoglm.processors.control import CONFIGURE_PARAMS, TARGET_KEYS, check_configure_params
 
 COOKIE_NAME = "autoglm_console"
 CSRF_HEADER = "X-AutoGLM-Console"
@@ -102,17 +102,21 @@ def parse_control_form(doc: Any) -> tuple[str, dict[str, str], dict[str, Any]]:
     """Turn the page's control request into ``(command, target, params)``, with ``ctl``'s checks.
 
     Args:
-        doc: the JSON body ``{"command": str, "model": str?, "worker": str?, "params": {name: str|number}?}``;
-            empty strings mean "not set" (form fields left blank).
+        doc: the JSON body ``{"command": str, "model": str?, "worker": str?, "pipeline": str?, "step": str?,
+            "params": {name: str|number}?}``; empty strings mean "not set" (form fields left blank).
 
     Returns:
-        The command, the target (``model``/``worker`` when set) and the typed ``configure`` parameters.
+        The command, the target (``model``/``worker``/``pipeline``/``step`` when set, the keys of
+        :data:`~autoglm.processors.control.TARGET_KEYS`; they combine with "and") and the typed
+        ``configure`` parameters.
 
     Raises:
-        ValueError: not an object, an unknown command, a target on ``drain`` by model, or a
-            ``configure`` parameter that is unknown, mistyped or out of range (the messages of
-            :func:`~autoglm.processors.control.check_configure_params` and the batching policy's
-            ``configure``, the same as ``autoglm ctl configure``).
+        ValueError: not an object, an unknown command, a target value that is not a string of at most
+            256 characters, a ``step`` without its ``pipeline`` or a ``pipeline`` on ``load``/``unload``/
+            ``reload`` (the checks of :meth:`~autoglm.streams.control.ControlClient.send`, as ``autoglm ctl``),
+            a model or pipeline on ``drain``, or a ``configure`` parameter that is unknown, mistyped or out
+            of range (the messages of :func:`~autoglm.processors.control.check_configure_params` and the
+            batching policy's ``configure``, the same as ``autoglm ctl configure``).
     """
     if not isinstance(doc, dict):
         raise ValueError("the request body must be a JSON object")
@@ -120,17 +124,21 @@ def parse_control_form(doc: Any) -> tuple[str, dict[str, str], dict[str, Any]]:
     if command not in PAGE_COMMANDS:
         raise ValueError(f"unknown command {command!r}; expected one of {PAGE_COMMANDS}")
     target: dict[str, str] = {}
-    for name in ("model", "worker"):
+    for name in TARGET_KEYS:
         value = doc.get(name)
         if value in (None, ""):
             continue
         if not isinstance(value, str) or len(value) > 256:
             raise ValueError(f"{name} must be a string of at most 256 characters")
         target[name] = value
-    if command == "drain" and "model" in target:
-        raise ValueError("drain applies to whole workers, not to one model")
+    if "step" in target and "pipeline" not in target:
+        raise ValueError("a step is named within its pipeline: give the pipeline too")
+    if command == "drain" and ({"model", "pipeline"} & set(target)):
+        raise ValueError("drain applies to whole workers, not to one model or pipeline")
     if command in MODEL_PAGE_COMMANDS and "model" not in target:
         raise ValueError(f"{command} needs a model name")
+    if command in MODEL_PAGE_COMMANDS and "pipeline" in target:
+        raise ValueError(f"{command} applies to a model served on its own topic, not to a pipeline")
     raw_params = doc.get("params") or {}
     if not isinstance(raw_params, dict):
         raise ValueError("params must be an object")

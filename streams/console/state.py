@@ -1,5 +1,11 @@
 """What the ops console knows: workers, 15 minutes of per-model history, acks, dead letters.
 
+A worker serves streams: models on their own task topics, and pipeline steps, named
+``<pipeline>/<step>`` (README "Pipelines"). Each stream has its history and figures;
+the views group the steps under their pipeline (:meth:`ConsoleState.pipelines_view`),
+telling them from models by the ``pipeline``/``step``/``runs`` keys of the heartbeat's
+``state.models`` entry (:func:`step_of`).
+
 Pure logic: no Kafka, no HTTP, no clock (every method is told the time in epoch
 ms). The Kafka feed (:mod:`autoglm.streams.console.feed`) hands it every status
 event (``autoglm.status/v1``, see :mod:`autoglm.streams.control`) and dead
@@ -30,6 +36,10 @@ LIVE_INTERVALS = 3.0
 HISTORY_FIELDS = ("throughput_per_s", "p50_ms", "p99_ms", "mean_batch_size", "target_size", "queue_depth", "lag")
 
 
+#: What :func:`pipeline_state` says when some steps of a pipeline are paused on a worker and others are not.
+PARTLY_PAUSED = "partly paused"
+
+
 def model_state(worker_state: Mapping[str, Any], model: str) -> str:
     """``running``, ``paused``, ``draining``, ``drained`` or ``starting`` for one model of a worker.
 
@@ -46,6 +56,40 @@ def model_state(worker_state: Mapping[str, Any], model: str) -> str:
     if (worker_state.get("models") or {}).get(model, {}).get("paused"):
         return "paused"
     return "running"
+
+
+def step_of(worker_state: Mapping[str, Any], stream: str) -> dict[str, str] | None:
+    """``{"pipeline", "step", "runs"}`` when ``stream`` is a pipeline step on that worker, else None.
+
+    Args:
+        worker_state: a status event's ``state`` object; a pipeline step's entry in ``models``
+            carries ``pipeline``, ``step`` and ``runs`` (the model it runs), see
+            :meth:`~autoglm.processors.control.ControlState.snapshot`. A stream named ``p/s`` without
+            them is shown as a model: the name alone does not make a step.
+    """
+    entry = (worker_state.get("models") or {}).get(stream) or {}
+    if not isinstance(entry.get("pipeline"), str) or not isinstance(entry.get("step"), str):
+        return None
+    return {"pipeline": entry["pipeline"], "step": entry["step"], "runs": str(entry.get("runs") or "")}
+
+
+def pipeline_state(step_states: Iterable[str]) -> str:
+    """One pipeline's state on one worker from the :func:`model_state` of its steps there.
+
+    Also combines the pipeline's states on several workers into one.
+
+    Returns:
+        The common state when they all agree (``paused`` means every step is paused);
+        :data:`PARTLY_PAUSED` when they differ and some are paused (only pausing acts per
+        stream: a drain, a start-up replay and ``ready`` are worker-wide); ``mixed`` for any
+        other disagreement (workers in different states); ``running`` for no step at all.
+    """
+    states = set(step_states)
+    if not states:
+        return "running"
+    if len(states) == 1:
+        return states.pop()
+    return PARTLY_PAUSED if states & {"paused", PARTLY_PAUSED} else "mixed"
 
 
 class History:
@@ -208,7 +252,9 @@ class ConsoleState:
 
         Heartbeats update the worker and append history points; ``stopped``
         marks the worker stopped; an ack updates the worker's state and, when
-        it answers a command this console sent, that command's ack table.
+        it answers a command this console sent, that command's ack table. The
+        worker's control state (paused, ...) is that of its newest heartbeat or ack
+        by ``time_ms``, whichever order the status topic holds them in.
         """
         worker = doc.get("worker")
         kind = doc.get("kind")
@@ -216,13 +262,14 @@ class ConsoleState:
         if not isinstance(worker, str):
             return []
         entry = self.workers.setdefault(worker, {"worker": worker, "heartbeat": None, "stopped_ms": None,
-                                                 "state": {}, "last_ms": 0})
+                                                 "state": {}, "state_ms": -1, "last_ms": 0})
         entry["last_ms"] = max(entry["last_ms"], time_ms)
         updates: list[dict[str, Any]] = []
         if kind == "heartbeat":
             if entry["heartbeat"] is None or time_ms >= int(entry["heartbeat"].get("time_ms") or 0):
                 entry["heartbeat"] = dict(doc)
-                entry["state"] = doc.get("state") or {}
+                if time_ms >= entry["state_ms"]:  # not over the state of a newer ack
+                    entry["state"], entry["state_ms"] = doc.get("state") or {}, time_ms
                 if entry["stopped_ms"] is not None and time_ms > entry["stopped_ms"]:
                     entry["stopped_ms"] = None  # restarted with the same id
             points = {}
@@ -234,8 +281,8 @@ class ConsoleState:
         elif kind == "stopped":
             entry["stopped_ms"] = time_ms
         elif kind == "ack":
-            if isinstance(doc.get("state"), dict):
-                entry["state"] = doc["state"]
+            if isinstance(doc.get("state"), dict) and time_ms >= entry["state_ms"]:
+                entry["state"], entry["state_ms"] = doc["state"], time_ms
             event_id = str(doc.get("event_id"))
             ack = {"status": doc.get("status"), "reason": doc.get("reason") or "", "time_ms": time_ms}
             pending = self.commands.get(event_id)
@@ -309,9 +356,18 @@ class ConsoleState:
         hb = entry["heartbeat"] or {}
         state = entry["state"] or {}
         models = {}
+        pipelines: dict[str, dict[str, Any]] = {}
         for model, figures in (hb.get("models") or {}).items():
-            models[model] = dict(figures, state=model_state(state, model),
-                                 params=((state.get("models") or {}).get(model) or {}).get("params") or {})
+            own = (state.get("models") or {}).get(model) or {}
+            row = dict(figures, state=model_state(state, model), params=own.get("params") or {},
+                       fetching=own.get("fetching"))
+            step = step_of(state, model)
+            if step is not None:
+                row.update(step)
+                pipelines.setdefault(step["pipeline"], {"steps": {}})["steps"][step["step"]] = row["state"]
+            models[model] = row
+        for entry in pipelines.values():
+            entry["state"] = pipeline_state(entry["steps"].values())
         hb_ms = int(hb["time_ms"]) if hb.get("time_ms") is not None else None
         return {
             "worker": worker,
@@ -326,15 +382,51 @@ class ConsoleState:
             "state": ("drained" if state.get("drained") else "draining" if state.get("draining")
                       else "starting" if state and not state.get("ready", True) else "running"),
             "models": models,
+            "pipelines": pipelines,
         }
 
     def models_view(self, now_ms: int) -> dict[str, dict[str, Any]]:
-        """Model -> :func:`aggregate_model` over the live workers serving it."""
+        """Model -> :func:`aggregate_model` over the live workers serving it on its own topic
+        (pipeline steps are in :meth:`pipelines_view`)."""
         rows: dict[str, list[Mapping[str, Any]]] = {}
         for worker in self.live_workers(now_ms):
+            state = self.workers[worker]["state"] or {}
             for model, figures in ((self.workers[worker]["heartbeat"] or {}).get("models") or {}).items():
-                rows.setdefault(model, []).append(figures)
+                if step_of(state, model) is None:
+                    rows.setdefault(model, []).append(figures)
         return {model: aggregate_model(r) for model, r in sorted(rows.items())}
+
+    def pipelines_view(self, now_ms: int) -> dict[str, dict[str, Any]]:
+        """Pipeline -> its steps and its state on each live worker serving it (JSON-ready).
+
+        Returns:
+            ``{pipeline: {"steps": [{"step", "stream", "runs", **aggregate_model(...)}],
+            "workers": {worker: state}, "state": str}}``: steps in the order the workers list them
+            (the pipeline's), each aggregated over the live workers serving it like a model
+            (:func:`aggregate_model`); ``workers`` holds :func:`pipeline_state` per worker (``paused``:
+            every step paused there); ``state`` is that of all those workers together.
+        """
+        found: dict[str, dict[str, Any]] = {}
+        for worker in self.live_workers(now_ms):
+            state = self.workers[worker]["state"] or {}
+            step_states: dict[str, list[str]] = {}
+            for stream, figures in ((self.workers[worker]["heartbeat"] or {}).get("models") or {}).items():
+                step = step_of(state, stream)
+                if step is None:
+                    continue
+                entry = found.setdefault(step["pipeline"], {"steps": {}, "workers": {}})
+                row = entry["steps"].setdefault(step["step"], {"step": step["step"], "stream": stream,
+                                                               "runs": step["runs"], "rows": []})
+                row["rows"].append(figures)
+                step_states.setdefault(step["pipeline"], []).append(model_state(state, stream))
+            for pipeline, states in step_states.items():
+                found[pipeline]["workers"][worker] = pipeline_state(states)
+        view = {}
+        for pipeline, entry in sorted(found.items()):
+            steps = [dict(aggregate_model(row.pop("rows")), **row) for row in entry["steps"].values()]
+            view[pipeline] = {"steps": steps, "workers": entry["workers"],
+                              "state": pipeline_state(entry["workers"].values())}
+        return view
 
     def snapshot(self, now_ms: int) -> dict[str, Any]:
         """Everything a freshly opened page needs (JSON-ready)."""
@@ -343,6 +435,7 @@ class ConsoleState:
             "now_ms": now_ms,
             "workers": [self.worker_view(w, now_ms) for w in sorted(self.workers)],
             "models": self.models_view(now_ms),
+            "pipelines": self.pipelines_view(now_ms),
             "history": [{"worker": w, "model": m, "points": self.history.series((w, m))}
                         for w, m in self.history.keys()],
             "commands": [c.view(now_ms) for c in self.commands.values()],

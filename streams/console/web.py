@@ -7,7 +7,8 @@ Routes::
     GET  /                the page                                                   (token)
     GET  /api/state       everything the page shows, one JSON object                 (token)
     GET  /events          Server-Sent Events: snapshot, workers, points, command, dead_letter (token)
-    POST /api/control     {"command", "model"?, "worker"?, "params"?} -> publish     (token + same origin)
+    POST /api/control     {"command", "model"?, "worker"?, "pipeline"?, "step"?, "params"?} -> publish
+                                                                                     (token + same origin)
 
 Every request but the public ones passes :func:`~autoglm.streams.console.guard.refusal`.
 No page and no log line holds the token or the control key: the access log writes the
@@ -96,7 +97,7 @@ class Console:
         now = now_ms()
         return {"type": "workers", "now_ms": now,
                 "workers": [self.state.worker_view(w, now) for w in sorted(self.state.workers)],
-                "models": self.state.models_view(now)}
+                "models": self.state.models_view(now), "pipelines": self.state.pipelines_view(now)}
 
     def _broadcast(self, *messages: dict[str, Any]) -> None:
         for message in messages:

@@ -4,7 +4,7 @@
 
 const HORIZON_MS = 15 * 60 * 1000;
 const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
-const view = { workers: [], models: {}, history: new Map(), commands: new Map(), deadLetters: [], skewMs: 0 };
+const view = { workers: [], models: {}, pipelines: {}, history: new Map(), commands: new Map(), deadLetters: [], skewMs: 0 };
 
 const $ = (sel, root = document) => root.querySelector(sel);
 function el(tag, attrs = {}, ...children) {
@@ -48,39 +48,62 @@ async function publish(body) {
     error.textContent = doc.error || `HTTP ${response.status}`;
     return;
   }
-  view.commands.set(doc.event_id, doc);
+  // the Server-Sent Events stream may have brought this command already, with acks newer than
+  // this response (a fast worker acks before the POST's answer reaches the page): keep those
+  if (!view.commands.has(doc.event_id)) view.commands.set(doc.event_id, doc);
   renderCommands();
 }
 
+// what a control target selects, in words: its keys combine with "and" (processors/control.py)
+function describeTarget(target, none = "all models") {
+  const parts = [];
+  if (target.model) parts.push(`model ${target.model}`);
+  if (target.pipeline) parts.push(target.step ? `step ${target.step} of pipeline ${target.pipeline}` : `pipeline ${target.pipeline}`);
+  return `${parts.length ? parts.join(" and ") : none} on ${target.worker ? "worker " + target.worker : "all workers"}`;
+}
+
+// pause/resume (and drain for a whole worker) for a target {model?, pipeline?, step?, worker?}
 function controlButtons(target) {
   const box = el("span", { class: "buttons" });
-  const actions = target.model ? ["pause", "resume"] : ["pause", "resume", "drain"];
+  const actions = target.model || target.pipeline ? ["pause", "resume"] : ["pause", "resume", "drain"];
   for (const action of actions) {
+    const body = { command: action, model: target.model || "", worker: target.worker || "",
+      pipeline: target.pipeline || "", step: target.step || "" };
     box.append(el("button", {
       type: "button", class: `act ${action}`, "data-action": action,
-      "data-model": target.model || "", "data-worker": target.worker || "",
-      title: `${action} ${target.model ? "model " + target.model : "every model"} on ${target.worker ? "worker " + target.worker : "every worker"}`,
-      onclick: () => publish({ command: action, model: target.model || "", worker: target.worker || "" }),
+      "data-model": body.model, "data-worker": body.worker, "data-pipeline": body.pipeline, "data-step": body.step,
+      title: `${action} ${describeTarget(target, "every model")}`,
+      onclick: () => publish(body),
     }, action));
   }
   return box;
 }
 
+// enables the form's fields that the chosen command takes (set up by setupForm)
+let toggleForm = () => {};
+
 function setupForm() {
   const form = $("#control-form");
   const toggle = () => {
-    $("#configure-fields").disabled = $("#control-command").value !== "configure";
-    $("#control-model").disabled = ["drain", "load"].includes($("#control-command").value);
-    $("#control-model-name").disabled = $("#control-command").value !== "load";
+    const command = $("#control-command").value;
+    $("#configure-fields").disabled = command !== "configure";
+    $("#control-model").disabled = ["drain", "load"].includes(command);
+    $("#control-model-name").disabled = command !== "load";
+    // load/unload/reload act on a model's own topic, drain on whole workers: no pipeline (guard.py)
+    $("#control-pipeline").disabled = ["drain", "load", "unload", "reload"].includes(command);
+    $("#control-step").disabled = $("#control-pipeline").disabled || !$("#control-pipeline").value;
   };
   $("#control-command").addEventListener("change", toggle);
+  $("#control-pipeline").addEventListener("change", () => { syncSteps(); toggle(); });
+  toggleForm = toggle;
   toggle();
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
     const data = new FormData(form);
     const command = data.get("command");
     const model = command === "drain" ? "" : command === "load" ? (data.get("model_name") || "").trim() : data.get("model") || "";
-    const body = { command, model, worker: data.get("worker") || "" };
+    const body = { command, model, worker: data.get("worker") || "",
+      pipeline: data.get("pipeline") || "", step: data.get("pipeline") ? data.get("step") || "" : "" };
     if (command === "configure") {
       body.params = {};
       for (const name of ["latency_target_s", "max_batch_size", "max_wait_s", "mode"]) {
@@ -90,6 +113,11 @@ function setupForm() {
     }
     publish(body);
   });
+}
+
+function syncSteps() {
+  const pipeline = view.pipelines[$("#control-pipeline").value];
+  syncSelect($("#control-step"), pipeline ? pipeline.steps.map((s) => s.step) : [], "every step");
 }
 
 function syncSelect(select, values, allLabel) {
@@ -103,13 +131,19 @@ function syncSelect(select, values, allLabel) {
 
 // ---- rendering --------------------------------------------------------------------
 
+// the streams of a worker that are models on their own topics (pipeline steps carry `pipeline`)
+const plainModels = (w) => Object.keys(w.models).filter((m) => !w.models[m].pipeline).sort();
+
 function renderWorkers() {
   const body = $("#workers tbody");
   const rows = view.workers.map((w) => {
     const models = Object.keys(w.models).sort();
-    const states = models.map((m) => `${m}: ${w.models[m].state}`);
+    const plain = plainModels(w);
+    const pipes = Object.keys(w.pipelines || {}).sort();
+    const served = plain.concat(pipes.map((p) => `${p} [${Object.keys(w.pipelines[p].steps).join(", ")}]`));
+    const states = plain.map((m) => `${m}: ${w.models[m].state}`).concat(pipes.map((p) => `${p}: ${w.pipelines[p].state}`));
     const totals = w.totals || {};
-    const served = models.reduce((s, m) => s + (w.models[m].served_total || 0), 0);
+    const servedTotal = models.reduce((s, m) => s + (w.models[m].served_total || 0), 0);
     // errors since start: the worker's totals, else the per-model status totals, else unknown
     const perModel = models.filter((m) => w.models[m].totals);
     const errors = totals.results_error ?? (perModel.length
@@ -119,23 +153,31 @@ function renderWorkers() {
     return el("tr", { "data-worker": w.worker, class: w.liveness },
       el("td", {}, el("span", { class: `badge ${w.liveness}` }, w.liveness)),
       el("td", { class: "id" }, w.worker),
-      el("td", {}, models.join(", ")),
+      el("td", {}, served.join(", ")),
       el("td", { class: "state" }, w.state === "running" ? states.join(", ") : w.state),
       el("td", { class: "num" }, w.max_in_flight ? `${int(w.in_flight)} / ${w.max_in_flight}` : int(w.in_flight)),
       el("td", { class: "num age" }, w.age_s === null ? "-" : `${fmt(w.age_s)} s`),
-      el("td", { class: "num" }, String(served)),
+      el("td", { class: "num" }, String(servedTotal)),
       el("td", { class: "num" }, errors === null ? "-" : String(errors)),
       el("td", { class: "num" }, totals.dead_letters === undefined ? "-" : String(totals.dead_letters)),
       el("td", {}, w.liveness === "live" ? controlButtons({ worker: w.worker }) : ""));
   });
   body.replaceChildren(...rows);
   const live = view.workers.filter((w) => w.liveness === "live").length;
-  $("#summary").textContent = `${live} live worker(s), ${Object.keys(view.models).length} model(s)`;
+  $("#summary").textContent = `${live} live worker(s), ${Object.keys(view.models).length} model(s), `
+    + `${Object.keys(view.pipelines).length} pipeline(s)`;
   syncSelect($("#control-worker"), view.workers.map((w) => w.worker).sort(), "all workers");
-  syncSelect($("#control-model"), [...new Set(view.workers.flatMap((w) => Object.keys(w.models)))].sort(), "all models");
+  // a model target selects its own topic and every pipeline step running it
+  syncSelect($("#control-model"), [...new Set(view.workers.flatMap((w) =>
+    Object.values(w.models).filter((f) => f.pipeline).map((f) => f.runs).concat(plainModels(w))))].sort(), "all models");
+  syncSelect($("#control-pipeline"), Object.keys(view.pipelines).sort(), "no pipeline");
+  syncSteps();
+  toggleForm();
 }
 
-function modelRows(model) {
+// one row per worker serving the stream `model` (a model, or a step `<pipeline>/<step>`);
+// targetOf(worker) is what that row's buttons act on
+function modelRows(model, targetOf = (worker) => ({ model, worker })) {
   const rows = [];
   for (const w of view.workers) {
     const f = w.models[model];
@@ -154,40 +196,87 @@ function modelRows(model) {
       el("td", { class: "num" }, int(f.queue_depth)),
       el("td", { class: "num" }, int(f.lag)),
       el("td", { class: "num" }, String(f.served_total ?? "-")),
-      el("td", {}, w.liveness === "live" ? controlButtons({ model, worker: w.worker }) : "")));
+      el("td", {}, w.liveness === "live" ? controlButtons(targetOf(w.worker)) : "")));
     rows[rows.length - 1].firstChild.firstChild.style.background = colorOf(w.worker);
   }
   return rows;
 }
 
+// the aggregate figures of a model or a pipeline step over the live workers (state.py aggregate_model)
+function kpis(agg) {
+  return [
+    el("span", { class: "kpi" }, el("b", {}, fmt(agg.throughput_per_s)), " tasks/s"),
+    el("span", { class: "kpi" }, el("b", {}, fmt(agg.p99_ms)), " ms p99 (worst)"),
+    el("span", { class: "kpi" }, el("b", {}, fmt(agg.mean_batch_size)), " mean batch"),
+    el("span", { class: "kpi" }, el("b", {}, int(agg.queue_depth)), " queued"),
+    el("span", { class: "kpi" }, el("b", {}, int(agg.lag)), " lag"),
+    el("span", { class: "kpi" }, el("b", {}, String(agg.served_total ?? "-")), " served"),
+  ];
+}
+
+function perWorkerTable(stream, targetOf) {
+  return el("table", { class: "per-worker" },
+    el("thead", {}, el("tr", {}, ...["worker", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "target",
+      "mode, SLO", "EWMA a + b·n ± σ (ms)", "queue", "lag", "served", "control"].map((h, i) =>
+      el("th", { class: i >= 2 && i <= 11 ? "num" : "" }, h)))),
+    el("tbody", {}, ...modelRows(stream, targetOf)));
+}
+
+function charts(stream) {
+  return el("div", { class: "charts" },
+    chart(stream, "throughput_per_s", "throughput, tasks/s"),
+    chart(stream, "p99_ms", "p99 end to end, ms", targetLine(stream)),
+    chart(stream, "mean_batch_size", "mean batch (solid) vs adaptive target (dashed), log scale", null,
+      "target_size", true));
+}
+
 function renderModels() {
   const box = $("#models");
-  const names = [...new Set(view.workers.flatMap((w) => Object.keys(w.models)))].sort();
+  const names = [...new Set(view.workers.flatMap(plainModels))].sort();
   const cards = names.map((model) => {
     const agg = view.models[model] || {};
-    const card = el("article", { class: "model", "data-model": model },
-      el("div", { class: "model-head" },
-        el("h3", {}, model),
-        el("span", { class: "kpi" }, el("b", {}, fmt(agg.throughput_per_s)), " tasks/s"),
-        el("span", { class: "kpi" }, el("b", {}, fmt(agg.p99_ms)), " ms p99 (worst)"),
-        el("span", { class: "kpi" }, el("b", {}, fmt(agg.mean_batch_size)), " mean batch"),
-        el("span", { class: "kpi" }, el("b", {}, int(agg.queue_depth)), " queued"),
-        el("span", { class: "kpi" }, el("b", {}, int(agg.lag)), " lag"),
-        el("span", { class: "kpi" }, el("b", {}, String(agg.served_total ?? "-")), " served"),
-        controlButtons({ model })),
-      el("table", { class: "per-worker" },
-        el("thead", {}, el("tr", {}, ...["worker", "state", "tasks/s", "p50 ms", "p99 ms", "batch", "target",
-          "mode, SLO", "EWMA a + b·n ± σ (ms)", "queue", "lag", "served", "control"].map((h, i) =>
-          el("th", { class: i >= 2 && i <= 11 ? "num" : "" }, h)))),
-        el("tbody", {}, ...modelRows(model))),
-      el("div", { class: "charts" },
-        chart(model, "throughput_per_s", "throughput, tasks/s"),
-        chart(model, "p99_ms", "p99 end to end, ms", targetLine(model)),
-        chart(model, "mean_batch_size", "mean batch (solid) vs adaptive target (dashed), log scale", null,
-          "target_size", true)));
-    return card;
+    return el("article", { class: "model", "data-model": model },
+      el("div", { class: "model-head" }, el("h3", {}, model), ...kpis(agg), controlButtons({ model })),
+      perWorkerTable(model), charts(model));
   });
   box.replaceChildren(...cards);
+}
+
+// a pipeline: its state per worker (paused = every step paused there), pause/resume for the whole
+// pipeline (target {pipeline}), then each step as a model card (target {pipeline, step})
+function renderPipelines() {
+  const names = Object.keys(view.pipelines).sort();
+  $("#pipelines-section").hidden = names.length === 0;
+  $("#pipelines").replaceChildren(...names.map((p) => {
+    const pipe = view.pipelines[p];
+    const byWorker = new Map(view.workers.map((w) => [w.worker, w]));
+    const workerRows = Object.entries(pipe.workers).sort().map(([worker, state]) => {
+      const steps = byWorker.get(worker)?.pipelines?.[p]?.steps || {};
+      const row = el("tr", { "data-worker": worker },
+        el("td", {}, el("span", { class: "swatch" }), worker),
+        el("td", { class: "state" }, state),
+        el("td", { class: "steps" }, Object.entries(steps).map(([s, st]) => `${s}: ${st}`).join(", ")),
+        el("td", {}, controlButtons({ pipeline: p, worker })));
+      row.firstChild.firstChild.style.background = colorOf(worker);
+      return row;
+    });
+    return el("article", { class: "pipeline", "data-pipeline": p },
+      el("div", { class: "model-head pipeline-head" },
+        el("h3", {}, p),
+        el("span", { class: `state pstate ${pipe.state.replace(" ", "-")}` }, pipe.state),
+        el("span", { class: "kpi" }, `${pipe.steps.length} step(s): `,
+          el("b", {}, pipe.steps.map((s) => `${s.step} (${s.runs})`).join(" \u2192 "))),
+        controlButtons({ pipeline: p })),
+      el("table", { class: "pipeline-workers" },
+        el("thead", {}, el("tr", {}, ...["worker", "pipeline state", "steps", "control"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, ...workerRows)),
+      ...pipe.steps.map((s) => el("section", { class: "step", "data-step": s.step, "data-stream": s.stream },
+        el("div", { class: "model-head step-head" },
+          el("h4", {}, s.step), el("span", { class: "runs", title: "the model this step runs" }, `runs ${s.runs}`),
+          ...kpis(s), controlButtons({ pipeline: p, step: s.step })),
+        perWorkerTable(s.stream, (worker) => ({ pipeline: p, step: s.step, worker })),
+        charts(s.stream))));
+  }));
 }
 
 function targetLine(model) {
@@ -259,14 +348,15 @@ function chart(model, field, title, refValue = null, dashedField = null, logScal
 function renderCommands() {
   const items = [...view.commands.values()].sort((a, b) => b.issued_ms - a.issued_ms).slice(0, 12);
   $("#commands").replaceChildren(...items.map((c) => {
-    const what = `${c.command} ${c.target.model ? "model " + c.target.model : "all models"} on ${c.target.worker ? "worker " + c.target.worker : "all workers"}`
+    const what = `${c.command} ${describeTarget(c.target)}`
       + (Object.keys(c.params || {}).length ? " " + JSON.stringify(c.params) : "");
     const acks = Object.entries(c.acks).sort().map(([worker, a]) =>
       el("li", { "data-worker": worker, class: `ack ${a.status}` },
         el("b", {}, worker), `: ${a.status}`, a.latency_ms !== null ? ` in ${a.latency_ms} ms` : "",
         a.reason ? ` (${a.reason})` : ""));
     if (!acks.length) acks.push(el("li", { class: "ack none" }, "no live worker targeted; the state is kept in the control topic"));
-    return el("div", { class: "command", "data-event": c.event_id, "data-command": c.command },
+    return el("div", { class: "command", "data-event": c.event_id, "data-command": c.command,
+      "data-pipeline": c.target.pipeline || "", "data-step": c.target.step || "", "data-model": c.target.model || "" },
       el("span", { class: "when" }, new Date(c.issued_ms).toLocaleTimeString()), " ", what,
       el("ul", {}, ...acks));
   }));
@@ -283,6 +373,7 @@ function renderDeadLetters() {
 
 function renderAll() {
   renderWorkers();
+  renderPipelines();
   renderModels();
   renderCommands();
   renderDeadLetters();
@@ -296,6 +387,7 @@ function apply(msg) {
       view.skewMs = Date.now() - msg.now_ms;
       view.workers = msg.workers;
       view.models = msg.models;
+      view.pipelines = msg.pipelines || {};
       view.history = new Map(msg.history.map((h) => [`${h.worker}\u0000${h.model}`, h.points]));
       view.commands = new Map(msg.commands.map((c) => [c.event_id, c]));
       view.deadLetters = msg.dead_letters;
@@ -305,7 +397,9 @@ function apply(msg) {
       view.skewMs = Date.now() - msg.now_ms;
       view.workers = msg.workers;
       view.models = msg.models;
+      view.pipelines = msg.pipelines || {};
       renderWorkers();
+      renderPipelines();
       renderModels();
       break;
     case "points":

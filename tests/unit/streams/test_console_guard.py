@@ -104,3 +104,46 @@ def test_load_unload_and_reload_name_one_model():
     for command in ("load", "unload", "reload"):
         assert parse_control_form({"command": command, "model": "ranker", "worker": "w1"}) == (
             command, {"model": "ranker", "worker": "w1"}, {})
+
+
+def test_a_pipeline_and_a_step_are_targets():
+    assert parse_control_form({"command": "pause", "pipeline": "digits-routing", "model": "", "worker": ""}) == (
+        "pause", {"pipeline": "digits-routing"}, {})
+    assert parse_control_form({"command": "resume", "pipeline": "p", "step": "first", "worker": "w1"}) == (
+        "resume", {"worker": "w1", "pipeline": "p", "step": "first"}, {})
+    # a model within a pipeline: the steps of p running digits (targets combine with "and")
+    assert parse_control_form({"command": "configure", "pipeline": "p", "model": "digits",
+                               "params": {"max_batch_size": "8"}}) == (
+        "configure", {"model": "digits", "pipeline": "p"}, {"max_batch_size": 8})
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"command": "pause", "step": "first"}, "a step is named within its pipeline"),
+    ({"command": "pause", "model": "digits", "step": "first", "pipeline": ""}, "a step is named within its pipeline"),
+    ({"command": "load", "model": "digits", "pipeline": "p"}, "load applies to a model served on its own topic"),
+    ({"command": "unload", "model": "digits", "pipeline": "p"}, "unload applies to a model served on its own topic"),
+    ({"command": "reload", "model": "digits", "pipeline": "p", "step": "s"}, "reload applies to a model served"),
+    ({"command": "drain", "pipeline": "p"}, "drain applies to whole workers"),
+    ({"command": "pause", "pipeline": ["p"]}, "pipeline must be a string"),
+    ({"command": "pause", "pipeline": "p", "step": "s" * 257}, "step must be a string of at most 256"),
+])
+def test_bad_pipeline_targets(doc, message):
+    with pytest.raises(ValueError, match=message):
+        parse_control_form(doc)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"step": "first"},
+    {"model": "digits", "pipeline": "p", "command": "load"},
+])
+async def test_the_same_target_rules_as_the_control_client(kwargs):
+    """What the page refuses, ControlClient.send (``autoglm ctl``) refuses too, before any broker I/O."""
+    from autoglm.streams.control import ControlClient
+
+    kwargs = dict(kwargs)
+    command = kwargs.pop("command", "pause")
+    client = ControlClient("127.0.0.1:9", prefix="unit")  # never opened: the checks come first
+    with pytest.raises(ValueError):
+        await client.send(command, **kwargs)
+    with pytest.raises(ValueError):
+        parse_control_form({"command": command, **kwargs})

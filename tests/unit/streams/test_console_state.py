@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from autoglm.streams.console.state import ConsoleState, History, aggregate_model, model_state
+from autoglm.streams.console.state import (PARTLY_PAUSED, ConsoleState, History, aggregate_model, model_state,
+                                           pipeline_state, step_of)
 
 T0 = 1_800_000_000_000
 
@@ -146,3 +147,127 @@ def test_snapshot_forgets_workers_silent_past_the_horizon():
     snap = s.snapshot(T0 + 100_000)
     assert [w["worker"] for w in snap["workers"]] == ["new"]
     assert [(h["worker"], h["model"]) for h in snap["history"]] == [("new", "digits")]
+
+
+STEPS = (("first", "digits"), ("second", "digits-linear"))
+
+
+def pipeline_heartbeat(worker: str, t_ms: int, *, paused_steps=(), throughput=(3.0, 1.0), digits_paused=False,
+                       pipeline: str = "digits-routing") -> dict:
+    """A heartbeat of a worker serving ``digits`` on its own topic and the two steps of a pipeline
+    (the shape of ControlState.snapshot: a step's state entry carries pipeline, step and runs)."""
+    doc = heartbeat(worker, t_ms, paused=digits_paused)
+    for (step, model), rate in zip(STEPS, throughput):
+        stream = f"{pipeline}/{step}"
+        paused = step in paused_steps
+        doc["state"]["models"][stream] = {"paused": paused, "fetching": not paused, "params": {}, "generation": 0,
+                                          "pipeline": pipeline, "step": step, "runs": model}
+        doc["models"][stream] = {"results": 5, "throughput_per_s": rate, "p99_ms": 10.0 + rate,
+                                 "mean_batch_size": 2.0, "queue_depth": 1, "lag": 2, "served_total": 7}
+    return doc
+
+
+def test_step_of_reads_the_state_entry_not_the_name():
+    state = pipeline_heartbeat("w0", T0)["state"]
+    assert step_of(state, "digits-routing/second") == {"pipeline": "digits-routing", "step": "second",
+                                                       "runs": "digits-linear"}
+    assert step_of(state, "digits") is None
+    # a slash alone does not make a step (a repository model may be named so)
+    assert step_of({"models": {"team/ranker": {"paused": False}}}, "team/ranker") is None
+
+
+@pytest.mark.parametrize("states, expected", [
+    (["paused", "paused"], "paused"),
+    (["running", "running"], "running"),
+    (["paused", "running"], PARTLY_PAUSED),
+    ([PARTLY_PAUSED, "paused"], PARTLY_PAUSED),
+    (["draining", "draining"], "draining"),
+    (["running", "draining"], "mixed"),
+    ([], "running"),
+])
+def test_pipeline_state_is_paused_only_when_every_step_is(states, expected):
+    assert pipeline_state(states) == expected
+
+
+def test_steps_are_grouped_under_their_pipeline_not_listed_as_models():
+    s = ConsoleState()
+    s.observe_status(pipeline_heartbeat("w0", T0, throughput=(3.0, 1.0)))
+    s.observe_status(pipeline_heartbeat("w1", T0, throughput=(5.0, 2.0)))
+    assert list(s.models_view(T0)) == ["digits"]
+    view = s.pipelines_view(T0)
+    assert list(view) == ["digits-routing"]
+    steps = view["digits-routing"]["steps"]
+    assert [(st["step"], st["stream"], st["runs"]) for st in steps] == [
+        ("first", "digits-routing/first", "digits"), ("second", "digits-routing/second", "digits-linear")]
+    # each step aggregated over the live workers as a model is
+    assert steps[0]["throughput_per_s"] == 8.0 and steps[1]["throughput_per_s"] == 3.0
+    assert steps[0]["p99_ms"] == 15.0 and steps[0]["workers"] == 2 and steps[0]["served_total"] == 14
+    assert view["digits-routing"]["workers"] == {"w0": "running", "w1": "running"}
+    assert view["digits-routing"]["state"] == "running"
+    snap = s.snapshot(T0)
+    assert snap["pipelines"] == view and list(snap["models"]) == ["digits"]
+    # the history stays per stream, so each step has its charts
+    assert ("w0", "digits-routing/first") in s.history.keys()
+
+
+def test_a_paused_pipeline_shows_paused_per_worker_and_on_each_step():
+    s = ConsoleState()
+    s.observe_status(pipeline_heartbeat("w0", T0))
+    s.observe_status(pipeline_heartbeat("w1", T0))
+    # the acks of "pause --pipeline digits-routing" carry the new state: w0 has applied it, w1 not yet
+    s.observe_status({"schema": "autoglm.status/v1", "kind": "ack", "worker": "w0", "time_ms": T0 + 50,
+                      "event_id": "e1", "command": "pause", "status": "ok", "reason": "",
+                      "state": pipeline_heartbeat("w0", T0, paused_steps=("first", "second"))["state"]})
+    view = s.pipelines_view(T0 + 60)["digits-routing"]
+    assert view["workers"] == {"w0": "paused", "w1": "running"}
+    assert view["state"] == PARTLY_PAUSED
+    row = s.worker_view("w0", T0 + 60)
+    assert row["pipelines"] == {"digits-routing": {"steps": {"first": "paused", "second": "paused"},
+                                                   "state": "paused"}}
+    first = row["models"]["digits-routing/first"]
+    assert (first["state"], first["fetching"], first["pipeline"], first["step"], first["runs"]) == (
+        "paused", False, "digits-routing", "first", "digits")
+    # the model digits on its own topic is another stream: still running
+    assert row["models"]["digits"]["state"] == "running" and "pipeline" not in row["models"]["digits"]
+    s.observe_status(pipeline_heartbeat("w1", T0 + 1000, paused_steps=("first", "second")))
+    assert s.pipelines_view(T0 + 1000)["digits-routing"]["state"] == "paused"
+    # one step resumed on w1: that worker's pipeline is partly paused
+    s.observe_status(pipeline_heartbeat("w1", T0 + 2000, paused_steps=("second",)))
+    assert s.pipelines_view(T0 + 2000)["digits-routing"]["workers"]["w1"] == PARTLY_PAUSED
+    assert s.worker_view("w1", T0 + 2000)["pipelines"]["digits-routing"]["steps"] == {
+        "first": "running", "second": "paused"}
+
+
+def test_a_stale_worker_leaves_the_pipeline_view():
+    s = ConsoleState()
+    s.observe_status(pipeline_heartbeat("w0", T0))
+    s.observe_status(pipeline_heartbeat("old", T0 - 60_000, paused_steps=("first", "second")))
+    view = s.pipelines_view(T0)["digits-routing"]
+    assert view["workers"] == {"w0": "running"} and view["steps"][0]["workers"] == 1
+
+
+def test_a_pipeline_command_expects_every_live_worker():
+    """Every worker acknowledges a pipeline target (one that serves none of it says so in its reason)."""
+    s = ConsoleState()
+    s.observe_status(pipeline_heartbeat("w0", T0))
+    s.observe_status(heartbeat("w1", T0))  # serves no pipeline
+    pending = s.command_sent(event_id="e", command="pause", target={"pipeline": "digits-routing"}, params={},
+                             issued_ms=T0, now_ms=T0, timeout_s=5.0)
+    assert pending.expected == ["w0", "w1"]
+    assert pending.view(T0)["target"] == {"pipeline": "digits-routing"}
+
+
+def test_an_older_heartbeat_read_after_an_ack_does_not_undo_its_state():
+    """The status topic may hold a heartbeat stamped before an ack after that ack (two sends of one
+    worker interleaving): the worker's control state is the newest by time_ms."""
+    s = ConsoleState()
+    s.observe_status(pipeline_heartbeat("w0", T0))
+    s.observe_status({"schema": "autoglm.status/v1", "kind": "ack", "worker": "w0", "time_ms": T0 + 500,
+                      "event_id": "e1", "command": "pause", "status": "ok", "reason": "",
+                      "state": pipeline_heartbeat("w0", T0, paused_steps=("first", "second"))["state"]})
+    s.observe_status(pipeline_heartbeat("w0", T0 + 400, throughput=(9.0, 9.0)))  # built before the ack
+    row = s.worker_view("w0", T0 + 600)
+    assert row["pipelines"]["digits-routing"]["state"] == "paused"
+    assert row["models"]["digits-routing/first"]["throughput_per_s"] == 9.0  # its figures are still the newest
+    s.observe_status(pipeline_heartbeat("w0", T0 + 1500))  # after the ack: its state wins again
+    assert s.worker_view("w0", T0 + 1600)["pipelines"]["digits-routing"]["state"] == "running"

@@ -102,6 +102,28 @@ async def test_state_reflects_status_events_and_commands(client):
     assert doc["history"][0]["points"][0]["throughput_per_s"] == 3.0
 
 
+async def test_a_pipeline_pause_publishes_its_target_and_a_bad_one_nothing(client):
+    r = await client.post("/api/control", json={"command": "pause", "model": "", "worker": "",
+                                                "pipeline": "digits-routing", "step": ""},
+                          headers=browser_headers(client))
+    assert r.status == 200, await r.text()
+    assert (await r.json())["target"] == {"pipeline": "digits-routing"}
+    r = await client.post("/api/control", json={"command": "pause", "step": "first"}, headers=browser_headers(client))
+    assert r.status == 400 and "within its pipeline" in (await r.json())["error"]
+    assert client.console.feed.sent == [("pause", {"pipeline": "digits-routing"}, {})]
+
+
+async def test_state_groups_pipeline_steps(client):
+    client.console.feed.on_status({
+        "schema": "autoglm.status/v1", "kind": "heartbeat", "worker": "w0", "time_ms": 10**13, "interval_s": 5.0,
+        "state": {"ready": True, "models": {"p/a": {"paused": True, "pipeline": "p", "step": "a", "runs": "digits"}}},
+        "models": {"p/a": {"throughput_per_s": 1.0}}})
+    doc = await (await client.get("/api/state", headers={"Authorization": f"Bearer {TOKEN}"})).json()
+    assert doc["models"] == {}
+    assert doc["pipelines"]["p"]["steps"][0]["runs"] == "digits"
+    assert doc["workers"][0]["pipelines"] == {"p": {"steps": {"a": "paused"}, "state": "paused"}}
+
+
 def test_the_access_log_drops_query_strings(caplog):
     class Req:
         method, path = "GET", "/login"

@@ -69,3 +69,39 @@ async def test_status_report_carries_window_figures_and_totals_since_start():
     assert report["totals"]["dead_letters"] == 1 and report["totals"]["received"] == 5
     assert report["in_flight"] == 7 and report["max_in_flight"] == 64
     assert report["window_s"] >= 0 and report["uptime_s"] >= report["window_s"]
+
+
+async def test_a_heartbeat_carries_the_state_as_of_its_time_not_of_before_the_lag_query():
+    """An event applied while the heartbeat awaits the consumer lag (a broker round trip, up to the
+    status interval) is acked first; the heartbeat stamped after that ack must not show it undone
+    (the console takes the newest status event's state)."""
+    sent: list[bytes] = []
+
+    async def produce(topic, key, value):
+        sent.append(value)
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    state = ControlState("w0", ["digits"])
+    state.ready = True
+
+    async def lag():
+        plane.handle(sign_control(ControlEvent(id="p1", command="pause", target={"model": "digits"}, params={},
+                                               issued_ms=1), None), replay=False)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return {"digits": {0: 0}}
+
+    plane = ControlPlane(
+        bootstrap_servers="unused:9092", names=TopicNames("t"), state=state, produce=produce,
+        configure=lambda m, p: None, drain=None,  # type: ignore[arg-type]
+        figures=lambda window_s, reset: {"digits": {}}, lag=lag,
+    )
+    await plane._heartbeat_once()
+    docs = [orjson.loads(v) for v in sent]
+    assert [d["kind"] for d in docs] == ["ack", "heartbeat"]
+    ack, beat = docs
+    assert beat["time_ms"] >= ack["time_ms"]
+    assert beat["state"]["models"]["digits"]["paused"] is True
+    assert beat["state"]["models"]["digits"]["fetching"] is False
