@@ -609,6 +609,8 @@ class ControlClient:
             raise ValueError(f"{command} needs a model (--model NAME)")
         if step and not pipeline:
             raise ValueError("a step is named within its pipeline: give --pipeline too")
+        if command == "drain" and (model or pipeline or step):
+            raise ValueError("drain applies to whole workers (optionally one, --worker), not to a model or pipeline")
         if command in MODEL_COMMANDS and pipeline:
             raise ValueError(f"{command} applies to a model served on its own topic, not to a pipeline")
         params = dict(params or {})

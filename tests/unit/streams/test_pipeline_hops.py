@@ -306,3 +306,17 @@ def test_the_batch_encoder_of_pipeline_results_decodes_as_encode_result():
                                                    for k in got)
         else:
             assert got == want, f.name
+
+
+@pytest.mark.parametrize("command, target, message", [
+    ("pause", {"step": "s"}, "give --pipeline too"),
+    ("drain", {"pipeline": "p"}, "drain applies to whole workers"),
+    ("drain", {"model": "digits"}, "drain applies to whole workers"),
+    ("unload", {"model": "digits", "pipeline": "p"}, "not to a pipeline"),
+])
+async def test_the_control_client_refuses_targets_that_mean_something_else_before_publishing(command, target, message):
+    from autoglm.streams.control import ControlClient
+
+    client = ControlClient(["127.0.0.1:9"], prefix="x")  # never started: nothing can be published
+    with pytest.raises(ValueError, match=message):
+        await client.send(command, **target)
