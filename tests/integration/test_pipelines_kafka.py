@@ -1,0 +1,430 @@
+"""The shipped routing pipeline (``examples/pipelines/digits-routing``) on a real Apache Kafka.
+
+Workers are ``autoglm pipeline run FILE`` / ``autoglm worker --pipeline FILE`` processes in one
+consumer group. Every Kafka result is checked against :func:`autoglm.pipelines.dry_run` of the
+same tasks in this process (status, output names, skipped steps, outputs to 1e-5, the steps that
+ran); the tasks are real held-out digit images, about 6 % of which the CNN (step ``first``) is
+unsure of, so that they also take step ``second`` (``digits-linear``) through the intermediate
+topic ``<prefix>.pipelines.digits-routing.second``, while the others skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+import pytest
+
+from autoglm.pipelines import dry_run, load_pipeline
+from autoglm.processors.routing import PipelineResult, TaskState
+from autoglm.streams.control import ControlClient
+from autoglm.streams.events import Result, Task, decode_hop, decode_result, decode_task, encode_task
+from autoglm.tasks import holdout_digits
+
+from .conftest import ROOT, wait_for
+from .kafka_io import ResultFollower, produce, produce_tasks, read_until
+
+pytestmark = pytest.mark.integration
+
+PIPELINE_FILE = ROOT / "examples" / "pipelines" / "digits-routing" / "pipeline.yaml"
+NAME = "digits-routing"
+STEP_MODELS = {"first": "digits", "second": "digits-linear"}
+#: the reference pool: 360 one-image tasks (the whole held-out split) and 12 two-image tasks
+N_SINGLE, N_PAIRS = 360, 12
+#: workers report state every second, and a killed member's partitions move within seconds
+FAST = {"status_interval_s": "1"}
+
+
+def in_topic(prefix: str) -> str:
+    return f"{prefix}.pipelines.{NAME}.in"
+
+
+def second_topic(prefix: str) -> str:
+    return f"{prefix}.pipelines.{NAME}.second"
+
+
+@dataclass
+class Reference:
+    """Tasks of the pool and their dry-run results (the same bytes the workers decode)."""
+
+    tasks: dict[str, Task]
+    results: dict[str, PipelineResult]
+
+    @property
+    def routed(self) -> set[str]:
+        """Ids of the tasks that take step ``second``."""
+        return {tid for tid, r in self.results.items() if "second" not in r.skipped}
+
+    def pick(self, n_routed: int, n_direct: int, tag: str = "") -> list[Task]:
+        """``n_routed`` tasks that take ``second`` and ``n_direct`` that skip it, interleaved, ids prefixed by ``tag``."""
+        routed = sorted(self.routed, key=_order)[:n_routed]
+        direct = sorted(set(self.tasks) - self.routed, key=_order)[:n_direct]
+        assert len(routed) == n_routed and len(direct) == n_direct, "the pool is too small"
+        every = max(1, (n_routed + n_direct) // max(1, n_routed))
+        order: list[str] = []
+        for tid in direct:
+            if routed and len(order) % every == 0:
+                order.append(routed.pop(0))
+            order.append(tid)
+        order.extend(routed)
+        return [self.renamed(tid, tag) for tid in order]
+
+    def renamed(self, tid: str, tag: str) -> Task:
+        t = self.tasks[tid]
+        return Task(id=tag + tid, model=t.model, inputs=t.inputs, attributes=dict(t.attributes))
+
+    def expected(self, task_id: str, tag: str = "") -> PipelineResult:
+        return self.results[task_id[len(tag):]]
+
+
+def _order(tid: str) -> tuple[str, int]:
+    return tid[0], int(tid[1:])
+
+
+@pytest.fixture(scope="module")
+def reference() -> Reference:
+    """Dry run of the pool in this process, with the real models (about a second)."""
+    x, y = holdout_digits(N_SINGLE)
+    pipeline = load_pipeline(PIPELINE_FILE)
+
+    def task(tid: str, rows: list[int]) -> Task:
+        return Task(id=tid, model=f"pipeline:{NAME}", inputs=x[rows].reshape(len(rows), 64),
+                    attributes={"label": ",".join(str(int(y[i])) for i in rows)})
+
+    singles = [task(f"s{i}", [i]) for i in range(N_SINGLE)]
+    first = dry_run(pipeline, [TaskState(t.id, t.inputs, {}) for t in singles]).results
+    unsure = [i for i, r in enumerate(first) if "second" not in r.skipped]
+    sure = [i for i, r in enumerate(first) if "second" in r.skipped]
+    # two-image tasks: half of them with one image the CNN is unsure of
+    pairs = [task(f"p{j}", [unsure[j % len(unsure)] if j % 2 else sure[2 * j], sure[2 * j + 1]])
+             for j in range(N_PAIRS)]
+    # what a worker reads: the task decoded from its wire bytes
+    decoded = {t.id: decode_task(encode_task(t)) for t in singles + pairs}
+    states = [TaskState(t.id, t.inputs, dict(t.attributes)) for t in decoded.values()]
+    run = dry_run(pipeline, states)
+    ref = Reference(decoded, {r.id: r for r in run.results})
+    routed = ref.routed
+    # both routes are taken, by one-image and by two-image tasks
+    assert 10 <= len(routed) <= len(decoded) - 100, len(routed)
+    assert any(t.startswith("p") for t in routed) and any(t.startswith("s") for t in routed)
+    assert all(r.status == "ok" for r in ref.results.values())
+    return ref
+
+
+def check_against_dry_run(results: dict[str, Result], ref: Reference, tasks: list[Task], workers: set[str],
+                          tag: str = "") -> Counter:
+    """Every task's Kafka result equals its dry run; returns steps served per worker id."""
+    served: Counter = Counter()
+    for task in tasks:
+        got, want = results[task.id], ref.expected(task.id, tag)
+        assert got.status == want.status == "ok", (task.id, got.error)
+        assert got.pipeline == NAME and got.model == f"pipeline:{NAME}"
+        assert isinstance(got.outputs, dict), got.outputs
+        assert set(got.outputs) == set(want.outputs), (task.id, set(got.outputs), set(want.outputs))
+        for name, value in want.outputs.items():
+            assert got.outputs[name].shape == np.asarray(value).shape
+            np.testing.assert_allclose(got.outputs[name], value, rtol=0, atol=1e-5, err_msg=f"{task.id} {name}")
+        assert got.skipped == want.skipped, task.id
+        ran = [s["step"] for s in got.steps]
+        assert ran == [s for s in ("first", "second") if s not in want.skipped], (task.id, ran)
+        for s in got.steps:
+            assert s["model"] == STEP_MODELS[s["step"]]
+            assert s["worker"] in workers, s
+            assert s["batch_size"] >= 1 and s["inference_ms"] >= 0 and s["queue_ms"] >= 0
+            served[s["worker"]] += 1
+        assert got.attributes == dict(task.attributes)
+        assert got.worker == got.steps[-1]["worker"]  # the worker of the last step published the result
+    return served
+
+
+async def live_workers(client: ControlClient, ids: set[str], timeout_s: float = 90.0,
+                       predicate=lambda hb: True, alive=lambda: True) -> dict[str, dict]:
+    """The latest heartbeats of ``ids`` once each is ready and satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout_s
+    live: dict[str, dict] = {}
+    while time.monotonic() < deadline:
+        assert alive(), "a worker died while starting"
+        live = {w: hb for w, hb in (await client.live_workers()).items()
+                if w in ids and hb.get("state", {}).get("ready") and predicate(hb)}
+        if set(live) == ids:
+            return live
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"timed out waiting for workers {sorted(ids)}; have {sorted(live)}")
+
+
+def fetching(hb: dict) -> dict[str, bool]:
+    """``<pipeline>/<step>`` -> whether the worker fetches that step's topic."""
+    return {name: m["fetching"] for name, m in hb["state"]["models"].items() if m.get("pipeline") == NAME}
+
+
+def ctl(bootstrap: str, prefix: str, *args: str) -> dict:
+    """``autoglm ctl ARGS --wait --json`` as a process; its JSON outcome (exit 0 required)."""
+    env = {**os.environ, "AUTOGLM_BOOTSTRAP_SERVERS": bootstrap, "AUTOGLM_TOPIC_PREFIX": prefix}
+    proc = subprocess.run([sys.executable, "-m", "autoglm", "ctl", *args, "--wait", "--timeout-s", "20", "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    return orjson.loads(proc.stdout.strip().splitlines()[-1])
+
+
+async def hop_ids(bootstrap: str, prefix: str, settle_s: float, expect: int = 0) -> Counter:
+    """Task id -> hop records on the ``second`` step's topic (read for ``settle_s``, or until ``expect`` hops)."""
+    records = await read_until(bootstrap, second_topic(prefix), lambda r: expect and len(r) >= expect, settle_s)
+    hops = [decode_hop(r.value) for r in records]
+    assert all(h.pipeline == NAME and h.step == "second" for h in hops)
+    return Counter(h.state.id for h in hops)
+
+
+def start_pair(workers, bootstrap: str, prefix: str, **settings: str):
+    """Two workers of one group: ``w0`` by ``autoglm pipeline run``, ``w1`` by ``autoglm worker --pipeline``."""
+    w0 = workers.start(bootstrap, prefix, None, command=("pipeline", "run", str(PIPELINE_FILE)),
+                       worker_id="w0", **FAST, **settings)
+    w1 = workers.start(bootstrap, prefix, None, command=("worker", "--pipeline", str(PIPELINE_FILE)),
+                       worker_id="w1", **FAST, **settings)
+    return w0, w1
+
+
+# -- 1. two workers, every task answered, results equal the dry run ----------------------------
+
+
+async def test_two_workers_answer_every_task_as_the_dry_run(kafka_bootstrap, prefix, workers, model_cache,
+                                                            reference):
+    w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
+    alive = lambda: w0.poll() is None and w1.poll() is None  # noqa: E731
+    tasks = [reference.tasks[t] for t in sorted(reference.tasks, key=_order)]  # the whole pool
+    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+        beats = await live_workers(client, {"w0", "w1"}, alive=alive)
+    # the workers created the pipeline's topics and serve both steps
+    assert all(fetching(hb) == {f"{NAME}/first": True, f"{NAME}/second": True} for hb in beats.values()), beats
+    t0 = time.monotonic()
+    await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await results.until(lambda: len(results.first) >= len(tasks), 120, alive)
+        took_s = time.monotonic() - t0
+        await asyncio.sleep(1.0)
+        await results.catch_up()
+    ids = {t.id for t in tasks}
+    assert set(results.first) == ids
+    served = check_against_dry_run(results.first, reference, tasks, {"w0", "w1"})
+    # both workers served steps; each routed task made exactly one trip through the intermediate topic
+    assert served["w0"] > 0 and served["w1"] > 0, served
+    hops = await hop_ids(kafka_bootstrap, prefix, 10.0, expect=len(reference.routed))
+    assert set(hops) == reference.routed
+    print(f"\npipeline on Kafka, 2 workers: {len(tasks)} tasks ({len(reference.routed)} through 'second') in "
+          f"{took_s:.1f} s; steps served {dict(served)}; {results.duplicates} duplicate results, "
+          f"{sum(hops.values()) - len(hops)} duplicate hops")
+    assert results.duplicates == 0 and sum(hops.values()) == len(hops)  # no crash, no rebalance: no redelivery
+
+
+# -- 2. SIGKILL mid-stream ----------------------------------------------------------------------
+
+
+async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, prefix, workers, model_cache,
+                                                              reference):
+    w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
+    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+        await live_workers(client, {"w0", "w1"}, alive=lambda: w0.poll() is None and w1.poll() is None)
+        # one-task batches at every step, so that the backlog lasts long enough to be cut
+        outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 1}, wait=True,
+                                       timeout_s=20)
+        assert outcome.ok and set(outcome.acks) == {"w0", "w1"}, outcome
+    tasks = [reference.renamed(t, f"k{r}-") for r in range(3) for t in sorted(reference.tasks, key=_order)]
+    await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await results.until(lambda: len(results.first) >= len(tasks) // 4, 90,
+                            lambda: w0.poll() is None and w1.poll() is None)
+        w1.send_signal(signal.SIGKILL)
+        wait_for(lambda: w1.poll() is not None, 10, "the killed worker to exit")
+        await results.poll()
+        answered_at_kill = len(results.first)
+        await results.until(lambda: len(results.first) >= len(tasks), 120, lambda: w0.poll() is None)
+        await asyncio.sleep(1.0)
+        await results.catch_up()
+    assert answered_at_kill < len(tasks), "the kill did not land mid-stream"
+    assert set(results.first) == {t.id for t in tasks}  # none lost
+    for r in range(3):
+        batch = [t for t in tasks if t.id.startswith(f"k{r}-")]
+        check_against_dry_run(results.first, reference, batch, {"w0", "w1"}, tag=f"k{r}-")
+    after = [r for r in results.first.values() if r.worker == "w0" and any(s["worker"] == "w1" for s in r.steps)]
+    print(f"\nSIGKILL of w1 after {answered_at_kill}/{len(tasks)} results: every task answered, "
+          f"{results.duplicates} duplicate results (at-least-once redelivery), {len(after)} tasks whose first "
+          f"step w1 served and w0 finished; results per worker {dict(results.by_worker)}")
+    assert max(r.steps[-1]["batch_size"] for r in results.first.values()) == 1  # the configure applied
+
+
+# -- 3. pause a step, pause the pipeline --------------------------------------------------------
+
+
+async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstrap, prefix, workers, model_cache,
+                                                                  reference):
+    w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
+    alive = lambda: w0.poll() is None and w1.poll() is None  # noqa: E731
+    first, second = f"{NAME}/first", f"{NAME}/second"
+    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+        await live_workers(client, {"w0", "w1"}, alive=alive)
+
+    # (a) pause step `second` only: routed tasks wait as hops on its topic, the others complete
+    out = ctl(kafka_bootstrap, prefix, "pause", "--pipeline", NAME, "--step", "second")
+    assert out["ok"] and set(out["acks"]) == {"w0", "w1"}, out
+    for ack in out["acks"].values():
+        assert fetching(ack) == {first: True, second: False}, ack
+    batch_a = reference.pick(8, 30, "a-")
+    routed_a = {t.id for t in batch_a if t.id[2:] in reference.routed}
+    direct_a = {t.id for t in batch_a} - routed_a
+    await produce_tasks(kafka_bootstrap, in_topic(prefix), batch_a)
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await results.until(lambda: direct_a <= set(results.first), 60, alive, "the tasks that skip `second`")
+        hops = await hop_ids(kafka_bootstrap, prefix, 10.0, expect=len(routed_a))
+        assert set(hops) == routed_a  # every routed task is parked before `second`
+        await asyncio.sleep(2.0)
+        await results.catch_up()
+        assert set(results.first) == direct_a  # ... and none of them is answered
+
+        # (b) pause the whole pipeline: every step of every worker stops fetching
+        out = ctl(kafka_bootstrap, prefix, "pause", "--pipeline", NAME)
+        assert out["ok"] and set(out["acks"]) == {"w0", "w1"}, out
+        for ack in out["acks"].values():
+            assert fetching(ack) == {first: False, second: False}, ack
+        batch_b = reference.pick(4, 16, "b-")
+        await produce_tasks(kafka_bootstrap, in_topic(prefix), batch_b)
+        published_ms = time.time_ns() // 1_000_000
+        async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+            # heartbeats after the tasks were published: both steps paused on both workers
+            await live_workers(client, {"w0", "w1"}, timeout_s=20, alive=alive,
+                               predicate=lambda hb: hb["time_ms"] > published_ms + 1500
+                               and not any(fetching(hb).values()))
+        await results.catch_up()
+        assert set(results.first) == direct_a, "a task was served while the pipeline was paused"
+        assert set(await hop_ids(kafka_bootstrap, prefix, 1.0)) == routed_a  # no new hop either
+
+        # (c) resume step `second` only: the parked hops are served, the new tasks still wait at `first`
+        out = ctl(kafka_bootstrap, prefix, "resume", "--pipeline", NAME, "--step", "second")
+        assert out["ok"] and all(fetching(a) == {first: False, second: True} for a in out["acks"].values()), out
+        await results.until(lambda: routed_a <= set(results.first), 60, alive, "the parked tasks")
+        await asyncio.sleep(1.0)
+        await results.catch_up()
+        assert set(results.first) == direct_a | routed_a
+
+        # (d) resume the pipeline: the rest completes
+        out = ctl(kafka_bootstrap, prefix, "resume", "--pipeline", NAME)
+        assert out["ok"] and all(fetching(a) == {first: True, second: True} for a in out["acks"].values()), out
+        everything = {t.id for t in batch_a + batch_b}
+        await results.until(lambda: everything <= set(results.first), 60, alive, "every task")
+        await asyncio.sleep(0.5)
+        await results.catch_up()
+    assert set(results.first) == everything
+    check_against_dry_run(results.first, reference, batch_a, {"w0", "w1"}, tag="a-")
+    check_against_dry_run(results.first, reference, batch_b, {"w0", "w1"}, tag="b-")
+    assert results.duplicates == 0
+
+
+# -- 4. bad records ------------------------------------------------------------------------------
+
+
+async def test_malformed_records_are_dead_lettered_and_the_worker_keeps_serving(kafka_bootstrap, prefix, workers,
+                                                                                 model_cache, reference):
+    w0 = workers.start(kafka_bootstrap, prefix, None, command=("pipeline", "run", str(PIPELINE_FILE)),
+                       worker_id="w0", **FAST)
+    alive = lambda: w0.poll() is None  # noqa: E731
+    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+        await live_workers(client, {"w0"}, alive=alive)
+    src = in_topic(prefix)
+    bad = {
+        # (topic, raw value) -> (task id of its `rejected` result or None, error code)
+        (src, b"this is not JSON {"): (None, "decode"),
+        (src, orjson.dumps({"schema": "autoglm.task/v1", "id": "bad-shape", "model": f"pipeline:{NAME}",
+                            "inputs": [[0.0] * 63]})): ("bad-shape", "input_signature"),
+        (second_topic(prefix), b'{"schema": "autoglm.hop/v1", "id": "bad-hop"}'): ("bad-hop", None),
+    }
+    before = reference.pick(2, 4, "x-")
+    after = reference.pick(2, 4, "y-")
+    await produce_tasks(kafka_bootstrap, src, before)
+    await produce(kafka_bootstrap, [(topic, b"bad", raw) for topic, raw in bad])
+    await produce_tasks(kafka_bootstrap, src, after)
+    dlq = await read_until(kafka_bootstrap, f"{prefix}.dlq", lambda r: len(r) >= len(bad), 60, alive)
+    await asyncio.sleep(1.0)
+    dlq = await read_until(kafka_bootstrap, f"{prefix}.dlq", lambda r: False, 1.0, alive)
+    assert sorted(r.value for r in dlq) == sorted(raw for _, raw in bad)  # the original bytes, once each
+    codes = {}
+    for rec in dlq:
+        headers = {k: v.decode() for k, v in rec.headers}
+        topic = next(t for t, raw in bad if raw == rec.value)
+        assert headers["autoglm.source.topic"] == topic and headers["autoglm.error.message"], headers
+        codes[rec.value] = headers["autoglm.error.code"]
+        expected_code = bad[(topic, rec.value)][1]
+        if expected_code is not None:
+            assert codes[rec.value] == expected_code, headers
+    wanted = {t.id for t in before + after} | {tid for tid, _ in bad.values() if tid}
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await results.until(lambda: wanted <= set(results.first), 60, alive)
+    for tid, code in bad.values():
+        if tid:
+            assert results.first[tid].status == "rejected", results.first[tid]
+            assert results.first[tid].error.code == (code or codes[next(raw for (_, raw), v in bad.items()
+                                                                        if v[0] == tid)])
+    check_against_dry_run(results.first, reference, before, {"w0"}, tag="x-")
+    check_against_dry_run(results.first, reference, after, {"w0"}, tag="y-")
+    assert w0.poll() is None
+    print(f"\ndead letters: {codes}")
+
+
+# -- 5. exactly once -------------------------------------------------------------------------------
+
+
+async def test_exactly_once_pipeline_commits_one_result_per_task_through_a_sigkill(
+        kafka_bootstrap, prefix, workers, model_cache, reference):
+    eos = {"delivery": "exactly_once", "transaction_timeout_s": "10"}
+    w0, w1 = start_pair(workers, kafka_bootstrap, prefix, **eos)
+    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+        await live_workers(client, {"w0", "w1"}, alive=lambda: w0.poll() is None and w1.poll() is None)
+        outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 2}, wait=True,
+                                       timeout_s=20)
+        assert outcome.ok, outcome
+    tasks = [reference.renamed(t, f"e{r}-") for r in range(2) for t in sorted(reference.tasks, key=_order)]
+    ids = {t.id for t in tasks}
+    await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
+    counts: Counter = Counter()
+    firsts: dict[str, Result] = {}
+
+    def done(records) -> bool:
+        while len(done.seen) < len(records):
+            result = decode_result(records[len(done.seen)].value)
+            done.seen.append(result)
+            counts[result.id] += 1
+            firsts.setdefault(result.id, result)
+        return len(counts) >= done.until
+
+    done.seen, done.until = [], len(tasks) // 4  # type: ignore[attr-defined]
+    await read_until(kafka_bootstrap, f"{prefix}.results", done, 90, lambda: w0.poll() is None and w1.poll() is None,
+                     isolation_level="read_committed")
+    w1.send_signal(signal.SIGKILL)
+    wait_for(lambda: w1.poll() is not None, 10, "the killed worker to exit")
+    at_kill = len(counts)
+    counts.clear()
+    done.seen, done.until = [], len(tasks)  # type: ignore[attr-defined]
+    await read_until(kafka_bootstrap, f"{prefix}.results", done, 150, lambda: w0.poll() is None,
+                     isolation_level="read_committed")
+    await asyncio.sleep(1.0)
+    done.until = len(tasks) + 1  # type: ignore[attr-defined]
+    counts.clear()
+    done.seen = []  # type: ignore[attr-defined]
+    records = await read_until(kafka_bootstrap, f"{prefix}.results", done, 2.0, isolation_level="read_committed")
+    everything = await read_until(kafka_bootstrap, f"{prefix}.results", lambda r: False, 2.0)
+    duplicates = {tid: n for tid, n in counts.items() if n > 1}
+    hops = await hop_ids(kafka_bootstrap, prefix, 2.0)
+    print(f"\nexactly-once pipeline: SIGKILL of w1 after {at_kill}/{len(tasks)} committed results; "
+          f"{len(counts)} tasks with a committed result, {sum(n - 1 for n in duplicates.values())} committed "
+          f"duplicates, {len(everything) - len(records)} result records of aborted transactions; "
+          f"{sum(hops.values())} hop records (aborted included) for {len(hops)} routed tasks")
+    assert at_kill < len(tasks), "the kill did not land mid-stream"
+    assert set(counts) == ids and duplicates == {}
+    for r in range(2):
+        batch = [t for t in tasks if t.id.startswith(f"e{r}-")]
+        check_against_dry_run(firsts, reference, batch, {"w0", "w1"}, tag=f"e{r}-")
