@@ -11,6 +11,7 @@ topic ``<prefix>.pipelines.digits-routing.second``, while the others skip it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,9 +25,11 @@ import orjson
 import pytest
 
 from autoglm.pipelines import dry_run, load_pipeline
+from autoglm.processors.errors import TopicMissingError
 from autoglm.processors.routing import PipelineResult, TaskState
 from autoglm.streams.control import ControlClient
-from autoglm.streams.events import Result, Task, decode_hop, decode_result, decode_task, encode_task
+from autoglm.streams.topics import TopicNames, ensure_topics, partitions_of
+from autoglm.streams.events import Hop, Result, Task, decode_hop, decode_result, decode_task, encode_hop, encode_task
 from autoglm.tasks import holdout_digits
 
 from .conftest import ROOT, wait_for
@@ -145,6 +148,22 @@ def check_against_dry_run(results: dict[str, Result], ref: Reference, tasks: lis
     return served
 
 
+@contextlib.asynccontextmanager
+async def control(bootstrap: str, prefix: str, alive=lambda: True, timeout_s: float = 60.0):
+    """A :class:`ControlClient` once the starting workers have created the control and status topics."""
+    deadline = time.monotonic() + timeout_s
+    for topic in (f"{prefix}.control", f"{prefix}.status"):
+        while True:
+            try:
+                await partitions_of(bootstrap, topic, timeout_s=1.0)
+                break
+            except TopicMissingError:
+                assert alive(), "a worker died while starting"
+                assert time.monotonic() < deadline, f"the workers did not create {topic}"
+    async with ControlClient(bootstrap, prefix=prefix) as client:
+        yield client
+
+
 async def live_workers(client: ControlClient, ids: set[str], timeout_s: float = 90.0,
                        predicate=lambda hb: True, alive=lambda: True) -> dict[str, dict]:
     """The latest heartbeats of ``ids`` once each is ready and satisfies ``predicate``."""
@@ -158,6 +177,37 @@ async def live_workers(client: ControlClient, ids: set[str], timeout_s: float = 
             return live
         await asyncio.sleep(0.3)
     raise AssertionError(f"timed out waiting for workers {sorted(ids)}; have {sorted(live)}")
+
+
+def assigned(hb: dict) -> set[tuple[str, str]]:
+    """The (stream, partition) pairs a heartbeat's worker consumes (its lag figures name them)."""
+    return {(name, p) for name, fig in hb["models"].items() for p in fig.get("lag_by_partition") or {}}
+
+
+async def settled(client: ControlClient, ids: set[str], alive, partitions: int = 6, timeout_s: float = 90.0) -> None:
+    """Wait until every worker of ``ids`` is ready and the group's rebalance is over: each worker consumes
+    some partitions, none twice, ``partitions`` in all (3 of the input topic and 3 of ``second``'s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        beats = await live_workers(client, ids, timeout_s=timeout_s, alive=alive)
+        parts = [assigned(hb) for hb in beats.values()]
+        if all(parts) and sum(map(len, parts)) == len(set().union(*parts)) == partitions:
+            return
+        assert time.monotonic() < deadline, f"the group did not settle: {parts}"
+        await asyncio.sleep(0.5)
+
+
+async def wait_lag(client: ControlClient, ids: set[str], want: tuple[int, int], timeout_s: float) -> tuple[int, int]:
+    """(lag of ``first``, lag of ``second``) summed over the latest heartbeats of ``ids``, once equal to ``want``
+    or after ``timeout_s`` (the last seen)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        beats = {w: hb for w, hb in (await client.live_workers()).items() if w in ids}
+        lag = tuple(sum(hb["models"].get(f"{NAME}/{step}", {}).get("lag") or 0 for hb in beats.values())
+                    for step in ("first", "second"))
+        if lag == want or time.monotonic() > deadline:
+            return lag
+        await asyncio.sleep(0.5)
 
 
 def fetching(hb: dict) -> dict[str, bool]:
@@ -199,7 +249,8 @@ async def test_two_workers_answer_every_task_as_the_dry_run(kafka_bootstrap, pre
     w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
     alive = lambda: w0.poll() is None and w1.poll() is None  # noqa: E731
     tasks = [reference.tasks[t] for t in sorted(reference.tasks, key=_order)]  # the whole pool
-    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+    async with control(kafka_bootstrap, prefix) as client:
+        await settled(client, {"w0", "w1"}, alive)
         beats = await live_workers(client, {"w0", "w1"}, alive=alive)
     # the workers created the pipeline's topics and serve both steps
     assert all(fetching(hb) == {f"{NAME}/first": True, f"{NAME}/second": True} for hb in beats.values()), beats
@@ -229,8 +280,8 @@ async def test_two_workers_answer_every_task_as_the_dry_run(kafka_bootstrap, pre
 async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, prefix, workers, model_cache,
                                                               reference):
     w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
-    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
-        await live_workers(client, {"w0", "w1"}, alive=lambda: w0.poll() is None and w1.poll() is None)
+    async with control(kafka_bootstrap, prefix) as client:
+        await settled(client, {"w0", "w1"}, lambda: w0.poll() is None and w1.poll() is None)
         # one-task batches at every step, so that the backlog lasts long enough to be cut
         outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 1}, wait=True,
                                        timeout_s=20)
@@ -249,13 +300,22 @@ async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, p
         await results.catch_up()
     assert answered_at_kill < len(tasks), "the kill did not land mid-stream"
     assert set(results.first) == {t.id for t in tasks}  # none lost
-    for r in range(3):
-        batch = [t for t in tasks if t.id.startswith(f"k{r}-")]
-        check_against_dry_run(results.first, reference, batch, {"w0", "w1"}, tag=f"k{r}-")
-    after = [r for r in results.first.values() if r.worker == "w0" and any(s["worker"] == "w1" for s in r.steps)]
+    # every result record, duplicates included, equals the dry run
+    records = await read_until(kafka_bootstrap, f"{prefix}.results", lambda r: False, 1.5)
+    assert len(records) == len(tasks) + results.duplicates
+    by_id = {t.id: t for t in tasks}
+    for rec in records:
+        result = decode_result(rec.value)
+        check_against_dry_run({result.id: result}, reference, [by_id[result.id]], {"w0", "w1"},
+                              tag=result.id[:3])
+    routed = {t.id for t in tasks if t.id[3:] in reference.routed}
+    hops = await hop_ids(kafka_bootstrap, prefix, 1.5)
+    assert set(hops) == routed
+    handed = [r for r in results.first.values() if r.worker == "w0" and any(s["worker"] == "w1" for s in r.steps)]
     print(f"\nSIGKILL of w1 after {answered_at_kill}/{len(tasks)} results: every task answered, "
-          f"{results.duplicates} duplicate results (at-least-once redelivery), {len(after)} tasks whose first "
-          f"step w1 served and w0 finished; results per worker {dict(results.by_worker)}")
+          f"{results.duplicates} duplicate results and {sum(hops.values()) - len(hops)} duplicate hops "
+          f"(at-least-once redelivery); {len(handed)} tasks whose first step w1 served and w0 finished; "
+          f"results per worker {dict(results.by_worker)}")
     assert max(r.steps[-1]["batch_size"] for r in results.first.values()) == 1  # the configure applied
 
 
@@ -267,8 +327,8 @@ async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstra
     w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
     alive = lambda: w0.poll() is None and w1.poll() is None  # noqa: E731
     first, second = f"{NAME}/first", f"{NAME}/second"
-    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
-        await live_workers(client, {"w0", "w1"}, alive=alive)
+    async with control(kafka_bootstrap, prefix) as client:
+        await settled(client, {"w0", "w1"}, alive)
 
     # (a) pause step `second` only: routed tasks wait as hops on its topic, the others complete
     out = ctl(kafka_bootstrap, prefix, "pause", "--pipeline", NAME, "--step", "second")
@@ -295,11 +355,16 @@ async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstra
         batch_b = reference.pick(4, 16, "b-")
         await produce_tasks(kafka_bootstrap, in_topic(prefix), batch_b)
         published_ms = time.time_ns() // 1_000_000
-        async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+        async with control(kafka_bootstrap, prefix) as client:
             # heartbeats after the tasks were published: both steps paused on both workers
             await live_workers(client, {"w0", "w1"}, timeout_s=20, alive=alive,
                                predicate=lambda hb: hb["time_ms"] > published_ms + 1500
                                and not any(fetching(hb).values()))
+            # ... and what waits is visible as the group's lag: batch B before `first`, A's routed tasks
+            # before `second` (end offset minus committed offset, summed over the two workers' partitions)
+            waiting = (len(batch_b), len(routed_a))
+            lag = await wait_lag(client, {"w0", "w1"}, waiting, timeout_s=20)
+            assert lag == waiting, lag
         await results.catch_up()
         assert set(results.first) == direct_a, "a task was served while the pipeline was paused"
         assert set(await hop_ids(kafka_bootstrap, prefix, 1.0)) == routed_a  # no new hop either
@@ -324,55 +389,89 @@ async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstra
     check_against_dry_run(results.first, reference, batch_b, {"w0", "w1"}, tag="b-")
     assert results.duplicates == 0
 
+    # (e) `ctl pause --model M` selects the steps that run M: here `second` only
+    out = ctl(kafka_bootstrap, prefix, "pause", "--model", "digits-linear")
+    assert out["ok"] and all(fetching(a) == {first: True, second: False} for a in out["acks"].values()), out
+
 
 # -- 4. bad records ------------------------------------------------------------------------------
 
 
 async def test_malformed_records_are_dead_lettered_and_the_worker_keeps_serving(kafka_bootstrap, prefix, workers,
                                                                                  model_cache, reference):
+    # one partition per topic: the bad records sit between good tasks in one log
+    w0 = workers.start(kafka_bootstrap, prefix, None, command=("pipeline", "run", str(PIPELINE_FILE)),
+                       worker_id="w0", partitions="1", **FAST)
+    alive = lambda: w0.poll() is None  # noqa: E731
+    async with control(kafka_bootstrap, prefix) as client:
+        await live_workers(client, {"w0"}, alive=alive)
+    src, hops_topic = in_topic(prefix), second_topic(prefix)
+    stray = Hop(TaskState("bad-step", reference.tasks["s0"].inputs, {}), f"pipeline:{NAME}", NAME, "first")
+    bad = [  # (topic, raw value, task id of its `rejected` result or None, dead-letter error code)
+        (src, b"this is not JSON {", None, "decode"),
+        (src, orjson.dumps({"schema": "autoglm.task/v1", "id": "bad-shape", "model": f"pipeline:{NAME}",
+                            "inputs": [[0.0] * 63]}), "bad-shape", "input_signature"),
+        (hops_topic, b'{"schema": "autoglm.hop/v1", "id": "bad-hop"}', "bad-hop", "invalid_field"),
+        (hops_topic, encode_hop(stray), "bad-step", "invalid_field"),  # a hop for step `first` on `second`'s topic
+    ]
+    before, after = reference.pick(2, 4, "x-"), reference.pick(2, 4, "y-")
+    late = Task(id="late", model=f"pipeline:{NAME}", inputs=reference.tasks["s1"].inputs,
+                deadline_ms=time.time_ns() // 1_000_000 - 1000)
+    await produce_tasks(kafka_bootstrap, src, before)
+    await produce(kafka_bootstrap, [(topic, b"bad", raw) for topic, raw, _, _ in bad])
+    await produce_tasks(kafka_bootstrap, src, [late, *after])
+
+    wanted = {t.id for t in before + after} | {tid for _, _, tid, _ in bad if tid} | {"late"}
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await results.until(lambda: wanted <= set(results.first), 60, alive)
+        dlq = await read_until(kafka_bootstrap, f"{prefix}.dlq", lambda r: len(r) >= len(bad), 30, alive)
+        await asyncio.sleep(1.0)
+        await results.catch_up()
+    dlq = await read_until(kafka_bootstrap, f"{prefix}.dlq", lambda r: False, 1.0, alive)
+    # every bad record dead-lettered once, its original bytes and why
+    assert sorted(r.value for r in dlq) == sorted(raw for _, raw, _, _ in bad)
+    for rec in dlq:
+        topic, raw, tid, code = next(b for b in bad if b[1] == rec.value)
+        headers = {k: v.decode() for k, v in rec.headers}
+        assert headers["autoglm.error.code"] == code, headers
+        assert headers["autoglm.source.topic"] == topic and headers["autoglm.error.message"], headers
+        assert headers["autoglm.source.partition"] == "0"
+        if tid:
+            assert results.first[tid].status == "rejected" and results.first[tid].error.code == code
+    assert set(results.first) == wanted and results.duplicates == 0
+    expired = results.first["late"]
+    assert expired.status == "expired" and expired.pipeline == NAME and expired.outputs is None, expired
+    check_against_dry_run(results.first, reference, before, {"w0"}, tag="x-")
+    check_against_dry_run(results.first, reference, after, {"w0"}, tag="y-")  # served after the bad records
+    assert w0.poll() is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "streams/pipeline.py:541 (TaskPipeline._check_reply_to) re-admits the tasks that waited for their reply_to "
+    "topic check with self.batchers[pending.task.model]; for a pipeline step the batcher is keyed by the stream "
+    "name '<pipeline>/<step>', not the task's model field ('pipeline:digits-routing'): KeyError in a background "
+    "task, and those tasks are never answered nor committed"))
+async def test_results_go_to_the_tasks_reply_to_topic(kafka_bootstrap, prefix, workers, model_cache, reference):
     w0 = workers.start(kafka_bootstrap, prefix, None, command=("pipeline", "run", str(PIPELINE_FILE)),
                        worker_id="w0", **FAST)
     alive = lambda: w0.poll() is None  # noqa: E731
-    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
+    async with control(kafka_bootstrap, prefix) as client:
         await live_workers(client, {"w0"}, alive=alive)
-    src = in_topic(prefix)
-    bad = {
-        # (topic, raw value) -> (task id of its `rejected` result or None, error code)
-        (src, b"this is not JSON {"): (None, "decode"),
-        (src, orjson.dumps({"schema": "autoglm.task/v1", "id": "bad-shape", "model": f"pipeline:{NAME}",
-                            "inputs": [[0.0] * 63]})): ("bad-shape", "input_signature"),
-        (second_topic(prefix), b'{"schema": "autoglm.hop/v1", "id": "bad-hop"}'): ("bad-hop", None),
-    }
-    before = reference.pick(2, 4, "x-")
-    after = reference.pick(2, 4, "y-")
-    await produce_tasks(kafka_bootstrap, src, before)
-    await produce(kafka_bootstrap, [(topic, b"bad", raw) for topic, raw in bad])
-    await produce_tasks(kafka_bootstrap, src, after)
-    dlq = await read_until(kafka_bootstrap, f"{prefix}.dlq", lambda r: len(r) >= len(bad), 60, alive)
-    await asyncio.sleep(1.0)
-    dlq = await read_until(kafka_bootstrap, f"{prefix}.dlq", lambda r: False, 1.0, alive)
-    assert sorted(r.value for r in dlq) == sorted(raw for _, raw in bad)  # the original bytes, once each
-    codes = {}
-    for rec in dlq:
-        headers = {k: v.decode() for k, v in rec.headers}
-        topic = next(t for t, raw in bad if raw == rec.value)
-        assert headers["autoglm.source.topic"] == topic and headers["autoglm.error.message"], headers
-        codes[rec.value] = headers["autoglm.error.code"]
-        expected_code = bad[(topic, rec.value)][1]
-        if expected_code is not None:
-            assert codes[rec.value] == expected_code, headers
-    wanted = {t.id for t in before + after} | {tid for tid, _ in bad.values() if tid}
+    replies = f"{prefix}.replies"
+    await ensure_topics(kafka_bootstrap, TopicNames(prefix), [], partitions=2, extra=[replies])
+    tasks = [Task(id=t.id, model=t.model, inputs=t.inputs, reply_to=replies, attributes=dict(t.attributes))
+             for t in reference.pick(3, 3, "r-")]
+    plain = reference.pick(1, 1, "n-")
+    await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks + plain)
+    records = await read_until(kafka_bootstrap, replies, lambda r: len(r) >= len(tasks), 10, alive)
+    got = {decode_result(r.value).id: decode_result(r.value) for r in records}
+    assert set(got) == {t.id for t in tasks}
+    check_against_dry_run(got, reference, tasks, {"w0"}, tag="r-")
     async with ResultFollower(kafka_bootstrap, prefix) as results:
-        await results.until(lambda: wanted <= set(results.first), 60, alive)
-    for tid, code in bad.values():
-        if tid:
-            assert results.first[tid].status == "rejected", results.first[tid]
-            assert results.first[tid].error.code == (code or codes[next(raw for (_, raw), v in bad.items()
-                                                                        if v[0] == tid)])
-    check_against_dry_run(results.first, reference, before, {"w0"}, tag="x-")
-    check_against_dry_run(results.first, reference, after, {"w0"}, tag="y-")
-    assert w0.poll() is None
-    print(f"\ndead letters: {codes}")
+        await results.until(lambda: {t.id for t in plain} <= set(results.first), 30, alive)
+        await asyncio.sleep(0.5)
+        await results.catch_up()
+    assert set(results.first) == {t.id for t in plain}  # a reply_to result is not also on the results topic
 
 
 # -- 5. exactly once -------------------------------------------------------------------------------
@@ -382,8 +481,8 @@ async def test_exactly_once_pipeline_commits_one_result_per_task_through_a_sigki
         kafka_bootstrap, prefix, workers, model_cache, reference):
     eos = {"delivery": "exactly_once", "transaction_timeout_s": "10"}
     w0, w1 = start_pair(workers, kafka_bootstrap, prefix, **eos)
-    async with ControlClient(kafka_bootstrap, prefix=prefix) as client:
-        await live_workers(client, {"w0", "w1"}, alive=lambda: w0.poll() is None and w1.poll() is None)
+    async with control(kafka_bootstrap, prefix) as client:
+        await settled(client, {"w0", "w1"}, lambda: w0.poll() is None and w1.poll() is None)
         outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 2}, wait=True,
                                        timeout_s=20)
         assert outcome.ok, outcome
