@@ -33,7 +33,7 @@ from autoglm.streams.events import Hop, Result, Task, decode_hop, decode_result,
 from autoglm.tasks import holdout_digits
 
 from .conftest import ROOT, wait_for
-from .kafka_io import ResultFollower, produce, produce_tasks, read_until
+from .kafka_io import ResultFollower, committed_ids, committed_offsets, produce, produce_tasks, read_until
 
 pytestmark = pytest.mark.integration
 
@@ -224,12 +224,18 @@ def ctl(bootstrap: str, prefix: str, *args: str) -> dict:
     return orjson.loads(proc.stdout.strip().splitlines()[-1])
 
 
-async def hop_ids(bootstrap: str, prefix: str, settle_s: float, expect: int = 0) -> Counter:
-    """Task id -> hop records on the ``second`` step's topic (read for ``settle_s``, or until ``expect`` hops)."""
+async def hop_records(bootstrap: str, prefix: str, settle_s: float, expect: int = 0) -> list[tuple[int, int, Hop]]:
+    """(partition, offset, hop) of the records on the ``second`` step's topic (read for ``settle_s``, or
+    until ``expect`` hops)."""
     records = await read_until(bootstrap, second_topic(prefix), lambda r: expect and len(r) >= expect, settle_s)
-    hops = [decode_hop(r.value) for r in records]
-    assert all(h.pipeline == NAME and h.step == "second" for h in hops)
-    return Counter(h.state.id for h in hops)
+    hops = [(r.partition, r.offset, decode_hop(r.value)) for r in records]
+    assert all(h.pipeline == NAME and h.step == "second" for _, _, h in hops)
+    return hops
+
+
+async def hop_ids(bootstrap: str, prefix: str, settle_s: float, expect: int = 0) -> Counter:
+    """Task id -> hop records on the ``second`` step's topic (see :func:`hop_records`)."""
+    return Counter(h.state.id for _, _, h in await hop_records(bootstrap, prefix, settle_s, expect))
 
 
 def start_pair(workers, bootstrap: str, prefix: str, **settings: str):
@@ -287,13 +293,23 @@ async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, p
                                        timeout_s=20)
         assert outcome.ok and set(outcome.acks) == {"w0", "w1"}, outcome
     tasks = [reference.renamed(t, f"k{r}-") for r in range(3) for t in sorted(reference.tasks, key=_order)]
-    await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
+    positions = await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
+    group = f"{prefix}-workers"
     async with ResultFollower(kafka_bootstrap, prefix) as results:
         await results.until(lambda: len(results.first) >= len(tasks) // 4, 90,
                             lambda: w0.poll() is None and w1.poll() is None)
         w1.send_signal(signal.SIGKILL)
         wait_for(lambda: w1.poll() is not None, 10, "the killed worker to exit")
-        await results.poll()
+        # commit after produce at both hops, checked from outside: the group's committed offsets first, then
+        # what was produced; a task below a committed offset of the input topic has a hop or a result, a hop
+        # below a committed offset of `second`'s topic has a result
+        committed_in = await committed_offsets(kafka_bootstrap, group, in_topic(prefix))
+        committed_hops = await committed_offsets(kafka_bootstrap, group, second_topic(prefix))
+        ends = await results.catch_up()
+        hops_now = await hop_records(kafka_bootstrap, prefix, 1.0)
+        answered = results.served_below(ends)
+        assert committed_ids(positions, committed_in) - answered - {h.state.id for _, _, h in hops_now} == set()
+        assert {h.state.id for p, o, h in hops_now if o < committed_hops.get(p, 0)} - answered == set()
         answered_at_kill = len(results.first)
         await results.until(lambda: len(results.first) >= len(tasks), 120, lambda: w0.poll() is None)
         await asyncio.sleep(1.0)
@@ -316,7 +332,8 @@ async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, p
           f"{results.duplicates} duplicate results and {sum(hops.values()) - len(hops)} duplicate hops "
           f"(at-least-once redelivery); {len(handed)} tasks whose first step w1 served and w0 finished; "
           f"results per worker {dict(results.by_worker)}")
-    assert max(r.steps[-1]["batch_size"] for r in results.first.values()) == 1  # the configure applied
+    assert {s["batch_size"] for r in results.first.values() for s in r.steps} == {1}  # the configure applied
+    assert sum(committed_in.values()) > 0 and sum(committed_hops.values()) > 0  # the audit had commits to check
 
 
 # -- 3. pause a step, pause the pipeline --------------------------------------------------------
@@ -327,15 +344,23 @@ async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstra
     w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
     alive = lambda: w0.poll() is None and w1.poll() is None  # noqa: E731
     first, second = f"{NAME}/first", f"{NAME}/second"
+    phases = [("start", time.monotonic())]
     async with control(kafka_bootstrap, prefix) as client:
         await settled(client, {"w0", "w1"}, alive)
 
+    phases.append(("a", time.monotonic()))
     # (a) pause step `second` only: routed tasks wait as hops on its topic, the others complete
     out = ctl(kafka_bootstrap, prefix, "pause", "--pipeline", NAME, "--step", "second")
     assert out["ok"] and set(out["acks"]) == {"w0", "w1"}, out
     for ack in out["acks"].values():
         assert fetching(ack) == {first: True, second: False}, ack
     batch_a = reference.pick(8, 30, "a-")
+    # two routed tasks must be answered within 4 s: they expire while parked before `second`
+    expiring = [t for t in batch_a if t.id[2:] in reference.routed][:2]
+    deadline_ms = time.time_ns() // 1_000_000 + 4000
+    batch_a = [Task(id=t.id, model=t.model, inputs=t.inputs, deadline_ms=deadline_ms, attributes=t.attributes)
+               if t in expiring else t for t in batch_a]
+    expiring_ids = {t.id for t in expiring}
     routed_a = {t.id for t in batch_a if t.id[2:] in reference.routed}
     direct_a = {t.id for t in batch_a} - routed_a
     await produce_tasks(kafka_bootstrap, in_topic(prefix), batch_a)
@@ -347,6 +372,7 @@ async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstra
         await results.catch_up()
         assert set(results.first) == direct_a  # ... and none of them is answered
 
+        phases.append(("b", time.monotonic()))
         # (b) pause the whole pipeline: every step of every worker stops fetching
         out = ctl(kafka_bootstrap, prefix, "pause", "--pipeline", NAME)
         assert out["ok"] and set(out["acks"]) == {"w0", "w1"}, out
@@ -369,14 +395,21 @@ async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstra
         assert set(results.first) == direct_a, "a task was served while the pipeline was paused"
         assert set(await hop_ids(kafka_bootstrap, prefix, 1.0)) == routed_a  # no new hop either
 
+        phases.append(("c", time.monotonic()))
         # (c) resume step `second` only: the parked hops are served, the new tasks still wait at `first`
         out = ctl(kafka_bootstrap, prefix, "resume", "--pipeline", NAME, "--step", "second")
         assert out["ok"] and all(fetching(a) == {first: False, second: True} for a in out["acks"].values()), out
+        assert time.time_ns() // 1_000_000 > deadline_ms
         await results.until(lambda: routed_a <= set(results.first), 60, alive, "the parked tasks")
         await asyncio.sleep(1.0)
         await results.catch_up()
         assert set(results.first) == direct_a | routed_a
+        for tid in expiring_ids:  # an expired task: no outputs, the steps it ran, the pipeline's name
+            late = results.first[tid]
+            assert late.status == "expired" and late.outputs is None and late.pipeline == NAME, late
+            assert [s["step"] for s in late.steps] == ["first"], late
 
+        phases.append(("d", time.monotonic()))
         # (d) resume the pipeline: the rest completes
         out = ctl(kafka_bootstrap, prefix, "resume", "--pipeline", NAME)
         assert out["ok"] and all(fetching(a) == {first: True, second: True} for a in out["acks"].values()), out
@@ -385,13 +418,18 @@ async def test_pause_one_step_then_the_whole_pipeline_then_resume(kafka_bootstra
         await asyncio.sleep(0.5)
         await results.catch_up()
     assert set(results.first) == everything
-    check_against_dry_run(results.first, reference, batch_a, {"w0", "w1"}, tag="a-")
+    check_against_dry_run(results.first, reference, [t for t in batch_a if t.id not in expiring_ids], {"w0", "w1"},
+                          tag="a-")
     check_against_dry_run(results.first, reference, batch_b, {"w0", "w1"}, tag="b-")
     assert results.duplicates == 0
 
+    phases.append(("e", time.monotonic()))
     # (e) `ctl pause --model M` selects the steps that run M: here `second` only
     out = ctl(kafka_bootstrap, prefix, "pause", "--model", "digits-linear")
     assert out["ok"] and all(fetching(a) == {first: True, second: False} for a in out["acks"].values()), out
+    phases.append(("end", time.monotonic()))
+    print("\npause test phases (s): " + ", ".join(f"{a}->{b} {t1 - t0:.1f}" for (a, t0), (b, t1)
+                                                  in zip(phases, phases[1:])))
 
 
 # -- 4. bad records ------------------------------------------------------------------------------
