@@ -28,8 +28,8 @@ from autoglm.pipelines import dry_run, load_pipeline
 from autoglm.processors.errors import TopicMissingError
 from autoglm.processors.routing import PipelineResult, TaskState
 from autoglm.streams.control import ControlClient
-from autoglm.streams.topics import TopicNames, ensure_topics, partitions_of
 from autoglm.streams.events import Hop, Result, Task, decode_hop, decode_result, decode_task, encode_hop, encode_task
+from autoglm.streams.topics import TopicNames, ensure_topics, partitions_of
 from autoglm.tasks import holdout_digits
 
 from .conftest import ROOT, wait_for
@@ -236,6 +236,24 @@ async def hop_records(bootstrap: str, prefix: str, settle_s: float, expect: int 
 async def hop_ids(bootstrap: str, prefix: str, settle_s: float, expect: int = 0) -> Counter:
     """Task id -> hop records on the ``second`` step's topic (see :func:`hop_records`)."""
     return Counter(h.state.id for _, _, h in await hop_records(bootstrap, prefix, settle_s, expect))
+
+
+async def committed_results(bootstrap: str, prefix: str, n: int, timeout_s: float,
+                            alive=lambda: True) -> tuple[Counter, dict[str, Result]]:
+    """Read ``<prefix>.results`` from its start with ``read_committed`` until ``n`` tasks have a result (or the
+    timeout); returns (result records per task id, first result per task id)."""
+    counts: Counter = Counter()
+    firsts: dict[str, Result] = {}
+
+    def done(records) -> bool:
+        for rec in records[sum(counts.values()):]:
+            result = decode_result(rec.value)
+            counts[result.id] += 1
+            firsts.setdefault(result.id, result)
+        return len(counts) >= n
+
+    await read_until(bootstrap, f"{prefix}.results", done, timeout_s, alive, isolation_level="read_committed")
+    return counts, firsts
 
 
 def start_pair(workers, bootstrap: str, prefix: str, **settings: str):
@@ -527,41 +545,30 @@ async def test_exactly_once_pipeline_commits_one_result_per_task_through_a_sigki
     tasks = [reference.renamed(t, f"e{r}-") for r in range(2) for t in sorted(reference.tasks, key=_order)]
     ids = {t.id for t in tasks}
     await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
-    counts: Counter = Counter()
-    firsts: dict[str, Result] = {}
-
-    def done(records) -> bool:
-        while len(done.seen) < len(records):
-            result = decode_result(records[len(done.seen)].value)
-            done.seen.append(result)
-            counts[result.id] += 1
-            firsts.setdefault(result.id, result)
-        return len(counts) >= done.until
-
-    done.seen, done.until = [], len(tasks) // 4  # type: ignore[attr-defined]
-    await read_until(kafka_bootstrap, f"{prefix}.results", done, 90, lambda: w0.poll() is None and w1.poll() is None,
-                     isolation_level="read_committed")
+    both = lambda: w0.poll() is None and w1.poll() is None  # noqa: E731
+    before = await committed_results(kafka_bootstrap, prefix, len(tasks) // 4, 90, both)
     w1.send_signal(signal.SIGKILL)
     wait_for(lambda: w1.poll() is not None, 10, "the killed worker to exit")
-    at_kill = len(counts)
-    counts.clear()
-    done.seen, done.until = [], len(tasks)  # type: ignore[attr-defined]
-    await read_until(kafka_bootstrap, f"{prefix}.results", done, 150, lambda: w0.poll() is None,
-                     isolation_level="read_committed")
+    await committed_results(kafka_bootstrap, prefix, len(tasks), 150, lambda: w0.poll() is None)
     await asyncio.sleep(1.0)
-    done.until = len(tasks) + 1  # type: ignore[attr-defined]
-    counts.clear()
-    done.seen = []  # type: ignore[attr-defined]
-    records = await read_until(kafka_bootstrap, f"{prefix}.results", done, 2.0, isolation_level="read_committed")
+    counts, firsts = await committed_results(kafka_bootstrap, prefix, len(tasks) + 1, 2.0)  # everything committed
     everything = await read_until(kafka_bootstrap, f"{prefix}.results", lambda r: False, 2.0)
+    hops_committed = await read_until(kafka_bootstrap, second_topic(prefix), lambda r: False, 2.0,
+                                      isolation_level="read_committed")
+    hops_all = await read_until(kafka_bootstrap, second_topic(prefix), lambda r: False, 2.0)
     duplicates = {tid: n for tid, n in counts.items() if n > 1}
-    hops = await hop_ids(kafka_bootstrap, prefix, 2.0)
-    print(f"\nexactly-once pipeline: SIGKILL of w1 after {at_kill}/{len(tasks)} committed results; "
-          f"{len(counts)} tasks with a committed result, {sum(n - 1 for n in duplicates.values())} committed "
-          f"duplicates, {len(everything) - len(records)} result records of aborted transactions; "
-          f"{sum(hops.values())} hop records (aborted included) for {len(hops)} routed tasks")
-    assert at_kill < len(tasks), "the kill did not land mid-stream"
+    hop_counts = Counter(decode_hop(r.value).state.id for r in hops_committed)
+    print(f"\nexactly-once pipeline: SIGKILL of w1 after {len(before[0])}/{len(tasks)} committed results "
+          f"({Counter(r.worker for r in before[1].values())} by then); {len(counts)} tasks with a committed result, "
+          f"{sum(n - 1 for n in duplicates.values())} committed duplicates, "
+          f"{len(everything) - sum(counts.values())} result records of aborted transactions; "
+          f"{len(hops_committed)} committed hops for {len(hop_counts)} routed tasks, "
+          f"{len(hops_all) - len(hops_committed)} hop records of aborted transactions")
+    assert len(before[0]) < len(tasks), "the kill did not land mid-stream"
+    assert {r.worker for r in before[1].values()} == {"w0", "w1"}  # w1 was serving when it was killed
     assert set(counts) == ids and duplicates == {}
+    assert set(hop_counts) == {t.id for t in tasks if t.id[3:] in reference.routed}
+    assert max(hop_counts.values()) == 1  # each hop is transactional too: one committed hop per routed task
     for r in range(2):
         batch = [t for t in tasks if t.id.startswith(f"e{r}-")]
         check_against_dry_run(firsts, reference, batch, {"w0", "w1"}, tag=f"e{r}-")
