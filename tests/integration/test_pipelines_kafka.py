@@ -278,6 +278,12 @@ async def test_two_workers_answer_every_task_as_the_dry_run(kafka_bootstrap, pre
         beats = await live_workers(client, {"w0", "w1"}, alive=alive)
     # the workers created the pipeline's topics and serve both steps
     assert all(fetching(hb) == {f"{NAME}/first": True, f"{NAME}/second": True} for hb in beats.values()), beats
+    # batching is per step: one-task batches for `second` only
+    out = ctl(kafka_bootstrap, prefix, "configure", "--pipeline", NAME, "--step", "second", "--max-batch-size", "1")
+    assert out["ok"] and set(out["acks"]) == {"w0", "w1"}, out
+    for ack in out["acks"].values():
+        streams = ack["state"]["models"]
+        assert streams[f"{NAME}/second"]["params"] == {"max_batch_size": 1} and streams[f"{NAME}/first"]["params"] == {}
     t0 = time.monotonic()
     await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
     async with ResultFollower(kafka_bootstrap, prefix) as results:
@@ -296,6 +302,9 @@ async def test_two_workers_answer_every_task_as_the_dry_run(kafka_bootstrap, pre
           f"{took_s:.1f} s; steps served {dict(served)}; {results.duplicates} duplicate results, "
           f"{sum(hops.values()) - len(hops)} duplicate hops")
     assert results.duplicates == 0 and sum(hops.values()) == len(hops)  # no crash, no rebalance: no redelivery
+    sizes = {step: [s["batch_size"] for r in results.first.values() for s in r.steps if s["step"] == step]
+             for step in ("first", "second")}
+    assert set(sizes["second"]) == {1} and max(sizes["first"]) > 1, sizes
 
 
 # -- 2. SIGKILL mid-stream ----------------------------------------------------------------------
@@ -310,7 +319,7 @@ async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, p
         outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 1}, wait=True,
                                        timeout_s=20)
         assert outcome.ok and set(outcome.acks) == {"w0", "w1"}, outcome
-    tasks = [reference.renamed(t, f"k{r}-") for r in range(3) for t in sorted(reference.tasks, key=_order)]
+    tasks = [reference.renamed(t, f"k{r}-") for r in range(2) for t in sorted(reference.tasks, key=_order)]
     positions = await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
     group = f"{prefix}-workers"
     async with ResultFollower(kafka_bootstrap, prefix) as results:
@@ -519,7 +528,7 @@ async def test_results_go_to_the_tasks_reply_to_topic(kafka_bootstrap, prefix, w
              for t in reference.pick(3, 3, "r-")]
     plain = reference.pick(1, 1, "n-")
     await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks + plain)
-    records = await read_until(kafka_bootstrap, replies, lambda r: len(r) >= len(tasks), 10, alive)
+    records = await read_until(kafka_bootstrap, replies, lambda r: len(r) >= len(tasks), 8, alive)
     got = {decode_result(r.value).id: decode_result(r.value) for r in records}
     assert set(got) == {t.id for t in tasks}
     check_against_dry_run(got, reference, tasks, {"w0"}, tag="r-")
