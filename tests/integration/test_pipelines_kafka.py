@@ -363,6 +363,41 @@ async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, p
     assert sum(committed_in.values()) > 0 and sum(committed_hops.values()) > 0  # the audit had commits to check
 
 
+async def test_sigterm_of_one_worker_mid_stream_hands_over_without_duplicates(kafka_bootstrap, prefix, workers,
+                                                                              model_cache, reference):
+    """A graceful stop mid-stream: the worker finishes its steps' in-flight tasks, produces their hops and
+    results, commits and leaves the group (exit 0); the other worker serves the rest; no task runs twice."""
+    w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
+    async with control(kafka_bootstrap, prefix) as client:
+        await settled(client, {"w0", "w1"}, lambda: w0.poll() is None and w1.poll() is None)
+        outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 1}, wait=True,
+                                       timeout_s=20)
+        assert outcome.ok and set(outcome.acks) == {"w0", "w1"}, outcome
+    tasks = [reference.renamed(t, "g0-") for t in sorted(reference.tasks, key=_order)]
+    await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
+    async with ResultFollower(kafka_bootstrap, prefix) as results:
+        await results.until(lambda: len(results.first) >= len(tasks) // 4, 90,
+                            lambda: w0.poll() is None and w1.poll() is None)
+        w1.send_signal(signal.SIGTERM)
+        rc = await asyncio.to_thread(w1.wait, 30)
+        assert rc == 0, workers.log(w1)
+        await results.catch_up()
+        answered_at_stop = len(results.first)
+        await results.until(lambda: len(results.first) >= len(tasks), 120, lambda: w0.poll() is None)
+        await asyncio.sleep(1.0)
+        await results.catch_up()
+    assert answered_at_stop < len(tasks), "the stop did not land mid-stream"
+    assert set(results.first) == {t.id for t in tasks}
+    check_against_dry_run(results.first, reference, tasks, {"w0", "w1"}, tag="g0-")
+    hops = await hop_ids(kafka_bootstrap, prefix, 1.5)
+    handed = [r for r in results.first.values() if r.worker == "w0" and any(s["worker"] == "w1" for s in r.steps)]
+    print(f"\nSIGTERM of w1 after {answered_at_stop}/{len(tasks)} results: {results.duplicates} duplicate results, "
+          f"{sum(hops.values()) - len(hops)} duplicate hops; {len(handed)} tasks whose first step w1 served and w0 "
+          f"finished; results per worker {dict(results.by_worker)}")
+    assert results.duplicates == 0 and sum(hops.values()) == len(hops)
+    assert results.by_worker["w1"] > 0
+
+
 # -- 3. pause a step, pause the pipeline --------------------------------------------------------
 
 
