@@ -319,7 +319,7 @@ async def test_sigkill_of_one_worker_mid_stream_loses_no_task(kafka_bootstrap, p
         outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 1}, wait=True,
                                        timeout_s=20)
         assert outcome.ok and set(outcome.acks) == {"w0", "w1"}, outcome
-    tasks = [reference.renamed(t, f"k{r}-") for r in range(2) for t in sorted(reference.tasks, key=_order)]
+    tasks = [reference.renamed(t, "k0-") for t in sorted(reference.tasks, key=_order)]
     positions = await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
     group = f"{prefix}-workers"
     async with ResultFollower(kafka_bootstrap, prefix) as results:
@@ -367,7 +367,8 @@ async def test_sigterm_of_one_worker_mid_stream_hands_over_without_duplicates(ka
                                                                               model_cache, reference):
     """A graceful stop mid-stream: the worker finishes its steps' in-flight tasks, produces their hops and
     results, commits and leaves the group (exit 0); the other worker serves the rest; no task runs twice."""
-    w0, w1 = start_pair(workers, kafka_bootstrap, prefix)
+    # a small in-flight cap: what the stopping worker still holds to finish is a few tasks, not its backlog
+    w0, w1 = start_pair(workers, kafka_bootstrap, prefix, max_in_flight="8")
     async with control(kafka_bootstrap, prefix) as client:
         await settled(client, {"w0", "w1"}, lambda: w0.poll() is None and w1.poll() is None)
         outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 1}, wait=True,
@@ -378,20 +379,25 @@ async def test_sigterm_of_one_worker_mid_stream_hands_over_without_duplicates(ka
     async with ResultFollower(kafka_bootstrap, prefix) as results:
         await results.until(lambda: len(results.first) >= len(tasks) // 4, 90,
                             lambda: w0.poll() is None and w1.poll() is None)
+        await results.catch_up()
+        answered_at_signal = len(results.first)
         w1.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
         rc = await asyncio.to_thread(w1.wait, 30)
+        stop_s = time.monotonic() - t0
         assert rc == 0, workers.log(w1)
         await results.catch_up()
         answered_at_stop = len(results.first)
         await results.until(lambda: len(results.first) >= len(tasks), 120, lambda: w0.poll() is None)
         await asyncio.sleep(1.0)
         await results.catch_up()
-    assert answered_at_stop < len(tasks), "the stop did not land mid-stream"
+    assert answered_at_signal < len(tasks) // 2, "the stop did not land mid-stream"
     assert set(results.first) == {t.id for t in tasks}
     check_against_dry_run(results.first, reference, tasks, {"w0", "w1"}, tag="g0-")
     hops = await hop_ids(kafka_bootstrap, prefix, 1.5)
     handed = [r for r in results.first.values() if r.worker == "w0" and any(s["worker"] == "w1" for s in r.steps)]
-    print(f"\nSIGTERM of w1 after {answered_at_stop}/{len(tasks)} results: {results.duplicates} duplicate results, "
+    print(f"\nSIGTERM of w1 at {answered_at_signal}/{len(tasks)} results: exit 0 after {stop_s:.1f} s "
+          f"({answered_at_stop} results by then); {results.duplicates} duplicate results, "
           f"{sum(hops.values()) - len(hops)} duplicate hops; {len(handed)} tasks whose first step w1 served and w0 "
           f"finished; results per worker {dict(results.by_worker)}")
     assert results.duplicates == 0 and sum(hops.values()) == len(hops)
@@ -583,10 +589,10 @@ async def test_exactly_once_pipeline_commits_one_result_per_task_through_a_sigki
     w0, w1 = start_pair(workers, kafka_bootstrap, prefix, **eos)
     async with control(kafka_bootstrap, prefix) as client:
         await settled(client, {"w0", "w1"}, lambda: w0.poll() is None and w1.poll() is None)
-        outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 2}, wait=True,
+        outcome = await client.command("configure", pipeline=NAME, params={"max_batch_size": 1}, wait=True,
                                        timeout_s=20)
         assert outcome.ok, outcome
-    tasks = [reference.renamed(t, f"e{r}-") for r in range(2) for t in sorted(reference.tasks, key=_order)]
+    tasks = [reference.renamed(t, "e0-") for t in sorted(reference.tasks, key=_order)]
     ids = {t.id for t in tasks}
     await produce_tasks(kafka_bootstrap, in_topic(prefix), tasks)
     both = lambda: w0.poll() is None and w1.poll() is None  # noqa: E731
@@ -613,6 +619,4 @@ async def test_exactly_once_pipeline_commits_one_result_per_task_through_a_sigki
     assert set(counts) == ids and duplicates == {}
     assert set(hop_counts) == {t.id for t in tasks if t.id[3:] in reference.routed}
     assert max(hop_counts.values()) == 1  # each hop is transactional too: one committed hop per routed task
-    for r in range(2):
-        batch = [t for t in tasks if t.id.startswith(f"e{r}-")]
-        check_against_dry_run(firsts, reference, batch, {"w0", "w1"}, tag=f"e{r}-")
+    check_against_dry_run(firsts, reference, tasks, {"w0", "w1"}, tag="e0-")
