@@ -6,6 +6,20 @@ same tasks in this process (status, output names, skipped steps, outputs to 1e-5
 ran); the tasks are real held-out digit images, about 6 % of which the CNN (step ``first``) is
 unsure of, so that they also take step ``second`` (``digits-linear``) through the intermediate
 topic ``<prefix>.pipelines.digits-routing.second``, while the others skip it.
+
+- Two workers: every task answered once, as the dry run; both workers serve steps; one hop per
+  routed task; ``ctl configure --pipeline P --step S`` re-tunes that step only.
+- SIGKILL of one of two workers mid-stream: none lost, every result record (duplicates included)
+  equals the dry run, duplicates counted; commit-after-produce audited at both hops at the kill.
+- SIGTERM of one of two workers mid-stream: exit 0, the other serves the rest, no duplicate.
+- ``ctl pause --pipeline P --step second``: routed tasks park as hops, the others complete;
+  ``ctl pause --pipeline P``: every step of every worker stops (acks, heartbeats, lag, no result or
+  hop); resuming ``second`` serves the parked hops (those past their deadline: ``expired``), resuming
+  the pipeline the rest; ``ctl pause --model digits-linear`` selects step ``second``.
+- Bad records on the input and intermediate topics: dead letters with reasons, ``rejected`` results,
+  the worker serves the next tasks.
+- Results go to a task's ``reply_to`` (xfail: the bug it found is in its reason).
+- Exactly-once mode with a SIGKILL: one committed result per task, one committed hop per routed task.
 """
 
 from __future__ import annotations
@@ -67,7 +81,8 @@ class Reference:
         return {tid for tid, r in self.results.items() if "second" not in r.skipped}
 
     def pick(self, n_routed: int, n_direct: int, tag: str = "") -> list[Task]:
-        """``n_routed`` tasks that take ``second`` and ``n_direct`` that skip it, interleaved, ids prefixed by ``tag``."""
+        """``n_routed`` tasks that take ``second`` and ``n_direct`` that skip it, interleaved; ids prefixed
+        by ``tag``."""
         routed = sorted(self.routed, key=_order)[:n_routed]
         direct = sorted(set(self.tasks) - self.routed, key=_order)[:n_direct]
         assert len(routed) == n_routed and len(direct) == n_direct, "the pool is too small"
