@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 
@@ -82,10 +83,17 @@ class Workers:
         self.model_cache = model_cache
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, bootstrap: str, prefix: str, models: str = "digits", *, embedded: bool = False,
-              **settings: str) -> subprocess.Popen:
+    def start(self, bootstrap: str, prefix: str, models: str | None = "digits", *, embedded: bool = False,
+              command: Sequence[str] = ("worker",), **settings: str) -> subprocess.Popen:
+        """Start ``python -m autoglm <command>`` (default ``worker``) with the settings as ``AUTOGLM_*`` env.
+
+        Args:
+            models: ``AUTOGLM_MODELS``; None leaves it unset (a pipeline worker then serves its steps only).
+            command: the CLI command and its arguments, e.g. ``("pipeline", "run", FILE)`` or
+                ``("worker", "--pipeline", FILE)``.
+        """
         env = {**os.environ, "AUTOGLM_BOOTSTRAP_SERVERS": bootstrap, "AUTOGLM_TOPIC_PREFIX": prefix,
-               "AUTOGLM_MODELS": models, "AUTOGLM_CACHE_DIR": self.model_cache,
+               "AUTOGLM_MODELS": models or "", "AUTOGLM_CACHE_DIR": self.model_cache,
                "AUTOGLM_WORKER_ID": f"w{len(self.procs)}", "AUTOGLM_COMMIT_INTERVAL_S": "0.2",
                "AUTOGLM_TORCH_THREADS": "1",
                # short group timeouts: a killed worker's partitions move within seconds
@@ -93,9 +101,11 @@ class Workers:
                "AUTOGLM_REBALANCE_TIMEOUT_S": "10"}
         if embedded:
             env.update(EMBEDDED_ENV)
+        if models is None:
+            del env["AUTOGLM_MODELS"]
         env.update({f"AUTOGLM_{k.upper()}": str(v) for k, v in settings.items()})
         log = open(self.tmp_path / f"worker-{len(self.procs)}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "autoglm", "worker"], env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "autoglm", *command], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         proc.log_path = log.name  # type: ignore[attr-defined]
         self.procs.append(proc)
