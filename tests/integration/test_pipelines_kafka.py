@@ -18,7 +18,7 @@ topic ``<prefix>.pipelines.digits-routing.second``, while the others skip it.
   the pipeline the rest; ``ctl pause --model digits-linear`` selects step ``second``.
 - Bad records on the input and intermediate topics: dead letters with reasons, ``rejected`` results,
   the worker serves the next tasks.
-- Results go to a task's ``reply_to`` (xfail: the bug it found is in its reason).
+- Results go to a task's ``reply_to``, also for the tasks that arrive while that topic is being checked.
 - Exactly-once mode with a SIGKILL: one committed result per task, one committed hop per routed task.
 """
 
@@ -568,11 +568,6 @@ async def test_malformed_records_are_dead_lettered_and_the_worker_keeps_serving(
     assert w0.poll() is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "streams/pipeline.py:541 (TaskPipeline._check_reply_to) re-admits the tasks that waited for their reply_to "
-    "topic check with self.batchers[pending.task.model]; for a pipeline step the batcher is keyed by the stream "
-    "name '<pipeline>/<step>', not the task's model field ('pipeline:digits-routing'): KeyError in a background "
-    "task, and those tasks are never answered nor committed"))
 async def test_results_go_to_the_tasks_reply_to_topic(kafka_bootstrap, prefix, workers, model_cache, reference):
     w0 = workers.start(kafka_bootstrap, prefix, None, command=("pipeline", "run", str(PIPELINE_FILE)),
                        worker_id="w0", **FAST)
