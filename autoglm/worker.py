@@ -109,21 +109,28 @@ def load_runners(settings: Settings) -> dict[str, ModelRunner]:
         ConfigError: a fallback cannot stand in for its model.
         ModelLoadError: a model failed to load (and its fallback too, when it has one).
     """
+    return _start_runners(settings, settings.models, "model")
+
+
+def _start_runners(settings: Settings, models: tuple[str, ...] | list[str], what: str) -> dict[str, ModelRunner]:
+    """One started runner per name of ``models`` (all or nothing; see :func:`load_runners`)."""
     from autoglm.models.repository import ModelRepository
 
-    registry = ModelRepository(settings.model_repo).registry(settings.models)
+    if not models:
+        return {}
+    registry = ModelRepository(settings.model_repo).registry(models)
     device = None if settings.device == "auto" else settings.device
     for name, fallback in settings.fallbacks.items():
         registry.set_fallback(name, fallback)
     runners: dict[str, ModelRunner] = {}
     try:
-        for name in settings.models:
+        for name in models:
             runner = registry.create_runner(name, device=device, torch_threads=worker_torch_threads(settings),
                                             max_failures=settings.fallback_max_failures,
                                             probe_every=settings.fallback_probe_every)
             runners[name] = runner
             runner.start_sync()
-            log.info("model %s loaded on %s in %.2f s", name, runner.device, runner.load_s or 0.0)
+            log.info("%s %s loaded on %s in %.2f s", what, name, runner.device, runner.load_s or 0.0)
     except BaseException:
         for runner in runners.values():
             runner.close(wait=True)
@@ -169,28 +176,7 @@ def load_step_runners(settings: Settings, stages: dict[str, "StepStage"]) -> dic
     the runners of the models served on their own topics, so that ``ctl unload``/``reload`` of a model
     leaves the pipelines alone). Returns stream name -> runner. All or nothing, as :func:`load_runners`.
     """
-    from autoglm.models.repository import ModelRepository
-
-    models = sorted({st.step.model for st in stages.values()})
-    if not models:
-        return {}
-    registry = ModelRepository(settings.model_repo).registry(models)
-    for name, fallback in settings.fallbacks.items():
-        registry.set_fallback(name, fallback)
-    device = None if settings.device == "auto" else settings.device
-    by_model: dict[str, ModelRunner] = {}
-    try:
-        for name in models:
-            runner = registry.create_runner(name, device=device, torch_threads=worker_torch_threads(settings),
-                                            max_failures=settings.fallback_max_failures,
-                                            probe_every=settings.fallback_probe_every)
-            by_model[name] = runner
-            runner.start_sync()
-            log.info("pipeline model %s loaded on %s in %.2f s", name, runner.device, runner.load_s or 0.0)
-    except BaseException:
-        for runner in by_model.values():
-            runner.close(wait=True)
-        raise
+    by_model = _start_runners(settings, sorted({st.step.model for st in stages.values()}), "pipeline model")
     return {stream: by_model[st.step.model] for stream, st in stages.items()}
 
 
