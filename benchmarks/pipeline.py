@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with the project installed, ``.[all]``)::
 
-    .venv/bin/python -m benchmarks.pipeline --update-readme        # digits-routing (3 rounds), text-sentiment (2); ~5 min
+    .venv/bin/python -m benchmarks.pipeline --update-readme        # digits-routing (3 rounds), text-sentiment (2); ~5 min on 2 cores
     .venv/bin/python -m benchmarks.pipeline --pipelines digits-routing --rounds 1 --bootstrap 127.0.0.1:9092
     .venv/bin/python -m benchmarks.pipeline --smoke                # ~1 min: digits-routing, 1 round, small
     .venv/bin/python -m benchmarks.pipeline --report results/<stamp>-pipeline.json --update-readme
@@ -27,8 +27,10 @@ per round, on a fresh topic prefix:
 2. **The in-process chain**: the same models, loaded in this process with the same torch
    thread setting (1), called one after the other as a user writes it without Kafka (each
    model's ``prepare``, ``collate``, ``forward`` under ``torch.inference_mode()``, the routing
-   condition in numpy): per-task latency when tasks come one at a time (the latency run's tasks,
-   back to back), and tasks/s over the drain's tasks in micro-batches of the sizes the pipeline's
+   condition in numpy): per-task latency when tasks come one at a time (the latency run's tasks
+   at the same arrival times, open loop, :func:`replay_in_process`; and, back to back, through
+   ``ModelRunner.run_sync``, the worker's model thread without Kafka), and tasks/s over the
+   drain's tasks in micro-batches of the sizes the pipeline's
    steps used in this round's drain (its mean per batch, per step). The per-task route (which
    steps ran) is compared with the pipeline's for the same tasks: both must do the same work.
 3. **Ratios** pipeline / in-process, the overhead (pipeline p50 - in-process p50, per route and
@@ -69,6 +71,7 @@ from benchmarks.pipeline_report import (
     latency_figures,
     median_rounds,
     plot,
+    ratio,
     step_batch_means,
     table,
     task_times,
@@ -238,27 +241,58 @@ def task_inputs(case: Case) -> Callable[[int], Any]:
     return single_rows("minilm")
 
 
-def in_process(chain, inputs: Callable[[int], Any], latency_tasks: int, drain_tasks: int,
+def replay_in_process(call: Callable[[int], str], arrivals_s: Sequence[float], *,
+                      clock: Callable[[], float] = time.perf_counter,
+                      sleep: Callable[[float], None] = time.sleep) -> tuple[list[float], list[str]]:
+    """Open loop in this process: task ``i`` arrives at ``arrivals_s[i]`` (seconds from the start)
+    and is served by ``call(i)`` (which returns its route) as soon as it has arrived and the one
+    before it is done. Its latency runs to the end of its call from its arrival: the moment this
+    loop, idle, wakes up to take it (as the pipeline's ``created_ms`` is stamped when the sender
+    wakes up to send: the load generator's own lateness counts for neither), or, when it arrives
+    while the one before still runs, its due time (that wait counts, as a queue does on Kafka).
+
+    Returns:
+        ``(latencies in ms, routes)``, in task order.
+    """
+    latencies, routes = [], []
+    start = clock()
+    for i, at in enumerate(arrivals_s):
+        wait = start + at - clock()
+        if wait > 0:
+            sleep(wait)
+            arrived = clock()
+        else:
+            arrived = start + at
+        routes.append(call(i))
+        latencies.append((clock() - arrived) * 1000.0)
+    return latencies, routes
+
+
+def in_process(chain, inputs: Callable[[int], Any], arrivals_s: Sequence[float], drain_tasks: int,
                sizes: dict[str, int], min_s: float = 1.0, max_passes: int = 5) -> dict[str, Any]:
-    """The chain's figures: one-at-a-time latency over tasks ``0..latency_tasks-1`` (back to back),
-    called directly (``latency``) and through ModelRunners (``runner_latency``), then tasks/s and CPU us/task over tasks ``0..drain_tasks-1`` in batches of ``sizes`` (passes
-    until ``min_s`` seconds, at most ``max_passes``; the median pass)."""
+    """The chain's figures.
+
+    - ``latency``: the latency run's trace replayed in this process (:func:`replay_in_process`:
+      the same tasks at the same arrival times, each through the chain called directly);
+    - ``b2b_latency``: the same tasks back to back (no pauses: warm caches), called directly;
+    - ``runner_latency``: the same tasks back to back, each model through a
+      :class:`~autoglm.models.runner.ModelRunner` (``run_sync``: the worker's model thread);
+    - ``tasks_per_s``, ``cpu_us_per_task``: tasks ``0..drain_tasks-1`` in batches of ``sizes``
+      (passes until ``min_s`` seconds, at most ``max_passes``; the median pass).
+    """
     for i in range(20):  # warm-up (allocator, caches) before any timing
         chain.one(inputs(i))
-    latencies, routes = [], []
-    for i in range(latency_tasks):
-        x = inputs(i)
-        t0 = time.perf_counter()
-        routes.append(chain.one(x))
-        latencies.append((time.perf_counter() - t0) * 1000.0)
-    for i in range(20):
         chain.one(inputs(i), chain.via_runners)
-    via_runners, runner_routes = [], []
-    for i in range(latency_tasks):
-        x = inputs(i)
-        t0 = time.perf_counter()
-        runner_routes.append(chain.one(x, chain.via_runners))
-        via_runners.append((time.perf_counter() - t0) * 1000.0)
+    latencies, routes = replay_in_process(lambda i: chain.one(inputs(i)), arrivals_s)
+    back_to_back = {}
+    for way, fwd in (("direct", None), ("runner", chain.via_runners)):
+        times, ways = [], []
+        for i in range(len(arrivals_s)):
+            x = inputs(i)
+            t0 = time.perf_counter()
+            ways.append(chain.one(x, fwd))
+            times.append((time.perf_counter() - t0) * 1000.0)
+        back_to_back[way] = baseline_figures(times, ways)
     xs = [inputs(i) for i in range(drain_tasks)]
     rates, cpus, spent = [], [], 0.0
     while not rates or (spent < min_s and len(rates) < max_passes):
@@ -269,7 +303,7 @@ def in_process(chain, inputs: Callable[[int], Any], latency_tasks: int, drain_ta
         rates.append(drain_tasks / wall)
         cpus.append(cpu * 1e6 / drain_tasks)
     return {"latency": baseline_figures(latencies, routes), "routes_per_task": routes,
-            "runner_latency": baseline_figures(via_runners, runner_routes),
+            "b2b_latency": back_to_back["direct"], "runner_latency": back_to_back["runner"],
             "latency_ms": latencies, "tasks_per_s": float(np.median(rates)),
             "cpu_us_per_task": float(np.median(cpus)), "passes": len(rates), "batch_sizes": dict(sizes),
             "later_steps_tasks": second}
@@ -504,20 +538,22 @@ def one_round(case: Case, r: int, chain, *, bootstrap: str, partitions: int, log
     pipe = on_kafka(case, bootstrap=bootstrap, partitions=partitions, inputs=inputs, arrivals_s=arrivals, logs=logs,
                     bar_factory=bar_factory, say=say)
     sizes = {step: max(1, int(round(pipe["batch_means"].get(step) or 1))) for step in chain.steps}
-    say(f"  {case.name} r{r + 1}: in-process chain, {len(arrivals)} tasks one at a time, "
+    say(f"  {case.name} r{r + 1}: in-process chain, the latency run's {len(arrivals)} tasks at their arrival times, "
         f"{case_drain_tasks(case)} in batches {sizes} ...")
-    base = in_process(chain, inputs, len(arrivals), case_drain_tasks(case), sizes)
+    base = in_process(chain, inputs, arrivals, case_drain_tasks(case), sizes)
     pipe_lat = latency_figures(pipe["latency_times"])
     pipe_routes = dict(zip(pipe["latency_index"], (t["route"] for t in pipe["latency_times"])))
     mismatched = [i for i, route in pipe_routes.items() if base["routes_per_task"][i] != route]
     figures = {
         "pipe": {"latency": pipe_lat, "drain": {"steps": pipe["drain_figures"]["steps"]},
                  "drain_per_s": pipe["drain_per_s"], "cpu_us_per_task": pipe["cpu_us_per_task"]},
-        "base": {"latency": base["latency"], "runner_latency": base["runner_latency"], "tasks_per_s": base["tasks_per_s"],
+        "base": {"latency": base["latency"], "b2b_latency": base["b2b_latency"], "runner_latency": base["runner_latency"],
+                 "tasks_per_s": base["tasks_per_s"],
                  "cpu_us_per_task": base["cpu_us_per_task"], "batch_sizes": sizes},
         "cmp": compare(pipe_lat, base["latency"], pipe["drain_per_s"], base["tasks_per_s"],
                        pipe["cpu_us_per_task"], base["cpu_us_per_task"]),
     }
+    figures["cmp"]["b2b_p50_ratio"] = ratio(pipe_lat["latency_p50_ms"], base["b2b_latency"]["latency_p50_ms"])
     checks = {"drain": pipe["drain"], "latency_run": pipe["latency_run"], "exit_code": pipe["exit_code"],
               "routes_mismatched": len(mismatched), "in_process_passes": base["passes"],
               "load_avg_1m": [pipe["load_avg_1m_before"], pipe["load_avg_1m_after"], os.getloadavg()[0]],

@@ -151,3 +151,28 @@ def test_update_readme_replaces_only_its_block(tmp_path):
     readme.write_text("# B\n")
     update_readme(_report(), readme)
     assert readme.read_text().startswith("# B\n\n" + START)
+
+
+def test_replay_in_process_waits_for_arrivals_and_counts_queueing():
+    from benchmarks.pipeline import replay_in_process
+
+    now = [0.0]
+    served = []
+
+    def clock() -> float:
+        return now[0]
+
+    def sleep(s: float) -> None:  # wakes up 1 ms late
+        now[0] += s + 0.001
+
+    def call(i: int) -> str:  # each task takes 10 ms
+        served.append((i, now[0]))
+        now[0] += 0.010
+        return "a" if i % 2 == 0 else "a+b"
+
+    # task 0 at 0 ms, task 1 at 100 ms (the loop wakes at 101 ms: the late wake-up is not the
+    # chain's), task 2 at 105 ms (arrives while task 1 runs, until 111 ms: that 6 ms wait counts)
+    latencies, routes = replay_in_process(call, [0.0, 0.100, 0.105], clock=clock, sleep=sleep)
+    assert routes == ["a", "a+b", "a"]
+    assert [t for _, t in served] == pytest.approx([0.0, 0.101, 0.111])
+    assert latencies == pytest.approx([10.0, 10.0, 16.0])
