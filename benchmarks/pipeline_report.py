@@ -328,6 +328,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     cases = list(report["pipelines"].items())
     fig, axes = plt.subplots(len(cases), 2, figsize=(12, 4.2 * len(cases)), squeeze=False)
@@ -342,6 +343,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             if len(v):
                 ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("latency per task, ms (log)")
         ax.set_ylabel("fraction of tasks")
         ax.set_title(f"{name}: latency CDF (round {r['round'] + 1})")
