@@ -2,7 +2,7 @@
 
 Usage (from the repository root, with the project installed, ``.[all]``)::
 
-    .venv/bin/python -m benchmarks.pipeline --update-readme        # digits-routing (3 rounds), text-sentiment (2); ~5 min on 2 cores
+    .venv/bin/python -m benchmarks.pipeline --update-readme   # digits-routing (3 rounds), text-sentiment (2): ~5 min
     .venv/bin/python -m benchmarks.pipeline --pipelines digits-routing --rounds 1 --bootstrap 127.0.0.1:9092
     .venv/bin/python -m benchmarks.pipeline --smoke                # ~1 min: digits-routing, 1 round, small
     .venv/bin/python -m benchmarks.pipeline --report results/<stamp>-pipeline.json --update-readme
@@ -24,15 +24,16 @@ per round, on a fresh topic prefix:
    task stamped ``created_ms`` as it is sent; per task the latency to the reader's receipt, the
    result's ``end_to_end_ms`` and its ``steps`` (:mod:`benchmarks.pipeline_report` has the terms).
    Checks: every task answered, duplicates, error results.
-2. **The in-process chain**: the same models, loaded in this process with the same torch
-   thread setting (1), called one after the other as a user writes it without Kafka (each
-   model's ``prepare``, ``collate``, ``forward`` under ``torch.inference_mode()``, the routing
-   condition in numpy): per-task latency when tasks come one at a time (the latency run's tasks
-   at the same arrival times, open loop, :func:`replay_in_process`; and, back to back, through
-   ``ModelRunner.run_sync``, the worker's model thread without Kafka), and tasks/s over the
-   drain's tasks in micro-batches of the sizes the pipeline's
-   steps used in this round's drain (its mean per batch, per step). The per-task route (which
-   steps ran) is compared with the pipeline's for the same tasks: both must do the same work.
+2. **The in-process chain** (:mod:`benchmarks.pipeline_chains`): the same models, loaded in
+   this process with the same torch thread setting (1), called one after the other as a user
+   writes it without Kafka (each model's ``prepare``, ``collate``, ``forward`` under
+   ``torch.inference_mode()``, the routing condition in numpy). Latency: the latency run's tasks
+   at the same arrival times (open loop, :func:`~benchmarks.pipeline_chains.replay_in_process`),
+   and beside it the same tasks back to back, called directly and through
+   ``ModelRunner.run_sync`` (the worker's model thread, no Kafka). Throughput: the drain's tasks
+   in micro-batches of the sizes the pipeline's steps used in this round's drain (the mean per
+   batch, per step). The per-task route (which steps ran) is compared with the pipeline's for
+   the same tasks: both must do the same work.
 3. **Ratios** pipeline / in-process, the overhead (pipeline p50 - in-process p50, per route and
    per Kafka topic a route crosses), and the per-step figures of the results.
 
@@ -54,7 +55,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -63,9 +64,8 @@ import orjson
 import typer
 
 from benchmarks.drain_io import committed, delete_topics, publish_backlog, stop_process, watch
+from benchmarks.pipeline_chains import CHAINS, TORCH_THREADS, in_process
 from benchmarks.pipeline_report import (
-    baseline_figures,
-    chunks,
     compare,
     drain_rate,
     latency_figures,
@@ -82,10 +82,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 EXAMPLES = ROOT / "examples" / "pipelines"
 KAFKA_NAME = "Apache Kafka 4.1.1 (KRaft, single node)"
-#: torch intra-op threads of the worker and of the in-process chain (the worker's own default on 2 cores)
-TORCH_THREADS = 1
-#: the routing condition of examples/pipelines/digits-routing/pipeline.yaml, as the hand-written chain has it
-DIGITS_UNSURE_BELOW = 0.95
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 log = logging.getLogger(__name__)
@@ -121,113 +117,7 @@ CASES: dict[str, Case] = {c.name: c for c in (
 )}
 
 
-# -- the in-process chains: the pipelines by hand ----------------------------------------------
-
-
-def load_model(name: str, model_repo: Path | None):
-    """Model ``name`` (repository or built-in), loaded on the CPU (load warms it up)."""
-    from autoglm.models.repository import ModelRepository
-
-    model = ModelRepository(model_repo).create(name)
-    model.load("cpu")
-    return model
-
-
-def run_model(model, inputs: Sequence[Any]) -> list[np.ndarray]:
-    """One forward over the tasks' inputs: ``prepare`` each, ``collate``, ``forward`` under
-    ``torch.inference_mode()``; one float32 ``(rows_i, ...)`` array per task, in order."""
-    from benchmarks.peers import forward
-
-    return forward(model, [model.prepare(x) for x in inputs])
-
-
-Forward = Callable[[str, Sequence[Any]], list[np.ndarray]]
-
-
-class Chain:
-    """A pipeline by hand: its steps' models loaded in this process, called one after the other.
-
-    ``fwd(step, inputs)`` runs one step's model over some tasks' inputs: :meth:`direct` (the
-    model's ``prepare``/``collate``/``forward``, :func:`run_model`) unless given; or
-    :meth:`via_runners` (each model in a started :class:`~autoglm.models.runner.ModelRunner`,
-    ``run_sync``: the worker's model thread, without Kafka).
-    """
-
-    steps: tuple[str, ...] = ()
-    models_of: dict[str, str] = {}
-
-    def __init__(self, model_repo: Path | None):
-        self.model_repo = model_repo
-        self.models = {step: load_model(name, model_repo) for step, name in self.models_of.items()}
-        self.runners: dict[str, Any] = {}
-
-    def direct(self, step: str, inputs: Sequence[Any]) -> list[np.ndarray]:
-        return run_model(self.models[step], inputs)
-
-    def via_runners(self, step: str, inputs: Sequence[Any]) -> list[np.ndarray]:
-        if not self.runners:
-            from autoglm.models.repository import ModelRepository
-            from autoglm.models.runner import ModelRunner
-
-            repo = ModelRepository(self.model_repo)
-            for name, model in self.models_of.items():
-                runner = ModelRunner(repo.create(model), device="cpu", torch_threads=TORCH_THREADS)
-                runner.start_sync()
-                self.runners[name] = runner
-        runner = self.runners[step]
-        return runner.run_sync([runner.model.prepare(x) for x in inputs])
-
-    def close(self) -> None:
-        for runner in self.runners.values():
-            runner.close()
-
-
-class DigitsRoutingChain(Chain):
-    """digits-routing by hand: ``digits`` on every image, ``digits-linear`` on the images whose
-    top ``digits`` probability is below 0.95 (the file's ``when``)."""
-
-    steps = ("first", "second")
-    models_of = {"first": "digits", "second": "digits-linear"}
-
-    def one(self, x: np.ndarray, fwd: Forward | None = None) -> str:
-        """One task through the chain; the steps that ran, ``+``-joined."""
-        fwd = fwd or self.direct
-        probs = fwd("first", [x])[0]
-        if probs.max() < DIGITS_UNSURE_BELOW:
-            fwd("second", [x])
-            return "first+second"
-        return "first"
-
-    def batches(self, xs: Sequence[np.ndarray], sizes: dict[str, int]) -> int:
-        """Every task through step 1 in batches of ``sizes['first']``, then the unsure ones through
-        step 2 in batches of ``sizes['second']``; returns how many went to step 2."""
-        probs = [p for chunk in chunks(xs, sizes["first"]) for p in self.direct("first", chunk)]
-        unsure = [x for x, p in zip(xs, probs) if p.max() < DIGITS_UNSURE_BELOW]
-        for chunk in chunks(unsure, sizes["second"]):
-            self.direct("second", chunk)
-        return len(unsure)
-
-
-class TextSentimentChain(Chain):
-    """text-sentiment by hand: ``minilm`` embeds the text, ``sentiment-head`` classifies the embedding."""
-
-    steps = ("embed", "classify")
-    models_of = {"embed": "minilm", "classify": "sentiment-head"}
-
-    def one(self, text: list[str], fwd: Forward | None = None) -> str:
-        fwd = fwd or self.direct
-        fwd("classify", fwd("embed", [text]))
-        return "embed+classify"
-
-    def batches(self, texts: Sequence[list[str]], sizes: dict[str, int]) -> int:
-        embeddings = [e for chunk in chunks(texts, sizes["embed"]) for e in self.direct("embed", chunk)]
-        for chunk in chunks(embeddings, sizes["classify"]):
-            self.direct("classify", chunk)
-        return len(embeddings)
-
-
-CHAINS: dict[str, Callable[[Path | None], Any]] = {"digits-routing": DigitsRoutingChain,
-                                                   "text-sentiment": TextSentimentChain}
+# -- the in-process chains (benchmarks/pipeline_chains.py) ----------------------------------------
 
 
 def task_inputs(case: Case) -> Callable[[int], Any]:
@@ -240,73 +130,6 @@ def task_inputs(case: Case) -> Callable[[int], Any]:
         return lambda i: np.ascontiguousarray(rows(i).reshape(1, 64))
     return single_rows("minilm")
 
-
-def replay_in_process(call: Callable[[int], str], arrivals_s: Sequence[float], *,
-                      clock: Callable[[], float] = time.perf_counter,
-                      sleep: Callable[[float], None] = time.sleep) -> tuple[list[float], list[str]]:
-    """Open loop in this process: task ``i`` arrives at ``arrivals_s[i]`` (seconds from the start)
-    and is served by ``call(i)`` (which returns its route) as soon as it has arrived and the one
-    before it is done. Its latency runs to the end of its call from its arrival: the moment this
-    loop, idle, wakes up to take it (as the pipeline's ``created_ms`` is stamped when the sender
-    wakes up to send: the load generator's own lateness counts for neither), or, when it arrives
-    while the one before still runs, its due time (that wait counts, as a queue does on Kafka).
-
-    Returns:
-        ``(latencies in ms, routes)``, in task order.
-    """
-    latencies, routes = [], []
-    start = clock()
-    for i, at in enumerate(arrivals_s):
-        wait = start + at - clock()
-        if wait > 0:
-            sleep(wait)
-            arrived = clock()
-        else:
-            arrived = start + at
-        routes.append(call(i))
-        latencies.append((clock() - arrived) * 1000.0)
-    return latencies, routes
-
-
-def in_process(chain, inputs: Callable[[int], Any], arrivals_s: Sequence[float], drain_tasks: int,
-               sizes: dict[str, int], min_s: float = 1.0, max_passes: int = 5) -> dict[str, Any]:
-    """The chain's figures.
-
-    - ``latency``: the latency run's trace replayed in this process (:func:`replay_in_process`:
-      the same tasks at the same arrival times, each through the chain called directly);
-    - ``b2b_latency``: the same tasks back to back (no pauses: warm caches), called directly;
-    - ``runner_latency``: the same tasks back to back, each model through a
-      :class:`~autoglm.models.runner.ModelRunner` (``run_sync``: the worker's model thread);
-    - ``tasks_per_s``, ``cpu_us_per_task``: tasks ``0..drain_tasks-1`` in batches of ``sizes``
-      (passes until ``min_s`` seconds, at most ``max_passes``; the median pass).
-    """
-    for i in range(20):  # warm-up (allocator, caches) before any timing
-        chain.one(inputs(i))
-        chain.one(inputs(i), chain.via_runners)
-    latencies, routes = replay_in_process(lambda i: chain.one(inputs(i)), arrivals_s)
-    back_to_back = {}
-    for way, fwd in (("direct", None), ("runner", chain.via_runners)):
-        times, ways = [], []
-        for i in range(len(arrivals_s)):
-            x = inputs(i)
-            t0 = time.perf_counter()
-            ways.append(chain.one(x, fwd))
-            times.append((time.perf_counter() - t0) * 1000.0)
-        back_to_back[way] = baseline_figures(times, ways)
-    xs = [inputs(i) for i in range(drain_tasks)]
-    rates, cpus, spent = [], [], 0.0
-    while not rates or (spent < min_s and len(rates) < max_passes):
-        t0, c0 = time.perf_counter(), time.process_time()
-        second = chain.batches(xs, sizes)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        spent += wall
-        rates.append(drain_tasks / wall)
-        cpus.append(cpu * 1e6 / drain_tasks)
-    return {"latency": baseline_figures(latencies, routes), "routes_per_task": routes,
-            "b2b_latency": back_to_back["direct"], "runner_latency": back_to_back["runner"],
-            "latency_ms": latencies, "tasks_per_s": float(np.median(rates)),
-            "cpu_us_per_task": float(np.median(cpus)), "passes": len(rates), "batch_sizes": dict(sizes),
-            "later_steps_tasks": second}
 
 
 # -- the pipeline on Kafka --------------------------------------------------------------------
@@ -436,7 +259,7 @@ def on_kafka(case: Case, *, bootstrap: str, partitions: int, inputs: Callable[[i
     topic = pipeline.topic(prefix)
     hops = [names.pipeline_step(pipeline.name, s.name) for s in pipeline.steps[1:]]
     asyncio.run(ensure_topics(bootstrap, names, [], partitions=partitions, extra=[topic, *hops]))
-    n = case_drain_tasks(case)
+    n = case.drain_tasks
     backlog, drain_created = [], {}
     for i in range(n):
         key, value, stamp = encode(case, f"{prefix}-d{i}", inputs(i))
@@ -452,7 +275,7 @@ def on_kafka(case: Case, *, bootstrap: str, partitions: int, inputs: Callable[[i
         if out["watch"]["window"] is None:
             raise WorkerFailed(f"the drain of {n} tasks did not complete (worker exit {proc.poll()}, "
                                f"watch {out['watch']})", log_path.read_text(errors="replace"))
-        with bar_factory(f"{case.name} latency at {case_rate(case):g}/s", len(arrivals_s)) as bar:
+        with bar_factory(f"{case.name} latency at {case.rate_per_s:g}/s", len(arrivals_s)) as bar:
             run = asyncio.run(open_loop(bootstrap, prefix, topic, case, inputs, arrivals_s, proc, bar, 60.0))
     finally:
         out["exited_before_stop"] = proc.poll()  # None: it was serving until we stopped it
@@ -507,23 +330,6 @@ class WorkerFailed(RuntimeError):
         self.log = log_text
 
 
-# -- settings that --smoke shrinks ----------------------------------------------------------------
-
-_SCALE = {"drain": 1.0, "latency": 1.0}
-
-
-def case_drain_tasks(case: Case) -> int:
-    return max(200, int(case.drain_tasks * _SCALE["drain"]))
-
-
-def case_rate(case: Case) -> float:
-    return case.rate_per_s
-
-
-def case_latency_s(case: Case) -> float:
-    return max(2.0, case.latency_s * _SCALE["latency"])
-
-
 # -- one round, the run -----------------------------------------------------------------------
 
 
@@ -533,21 +339,22 @@ def one_round(case: Case, r: int, chain, *, bootstrap: str, partitions: int, log
     from benchmarks.batching import poisson_trace
 
     inputs = task_inputs(case)
-    arrivals = [t for t, _ in poisson_trace(case_rate(case), case_latency_s(case), 1, seed=11 + r,
+    arrivals = [t for t, _ in poisson_trace(case.rate_per_s, case.latency_s, 1, seed=11 + r,
                                             phases=[("steady", 1.0)])]
     pipe = on_kafka(case, bootstrap=bootstrap, partitions=partitions, inputs=inputs, arrivals_s=arrivals, logs=logs,
                     bar_factory=bar_factory, say=say)
     sizes = {step: max(1, int(round(pipe["batch_means"].get(step) or 1))) for step in chain.steps}
     say(f"  {case.name} r{r + 1}: in-process chain, the latency run's {len(arrivals)} tasks at their arrival times, "
-        f"{case_drain_tasks(case)} in batches {sizes} ...")
-    base = in_process(chain, inputs, arrivals, case_drain_tasks(case), sizes)
+        f"{case.drain_tasks} in batches {sizes} ...")
+    base = in_process(chain, inputs, arrivals, case.drain_tasks, sizes)
     pipe_lat = latency_figures(pipe["latency_times"])
     pipe_routes = dict(zip(pipe["latency_index"], (t["route"] for t in pipe["latency_times"])))
     mismatched = [i for i, route in pipe_routes.items() if base["routes_per_task"][i] != route]
     figures = {
         "pipe": {"latency": pipe_lat, "drain": {"steps": pipe["drain_figures"]["steps"]},
                  "drain_per_s": pipe["drain_per_s"], "cpu_us_per_task": pipe["cpu_us_per_task"]},
-        "base": {"latency": base["latency"], "b2b_latency": base["b2b_latency"], "runner_latency": base["runner_latency"],
+        "base": {"latency": base["latency"], "b2b_latency": base["b2b_latency"],
+                 "runner_latency": base["runner_latency"],
                  "tasks_per_s": base["tasks_per_s"],
                  "cpu_us_per_task": base["cpu_us_per_task"], "batch_sizes": sizes},
         "cmp": compare(pipe_lat, base["latency"], pipe["drain_per_s"], base["tasks_per_s"],
@@ -559,7 +366,8 @@ def one_round(case: Case, r: int, chain, *, bootstrap: str, partitions: int, log
               "load_avg_1m": [pipe["load_avg_1m_before"], pipe["load_avg_1m_after"], os.getloadavg()[0]],
               "publish_s": pipe["publish_s"], "startup_s": pipe["watch"].get("startup_s")}
     c = figures["cmp"]
-    say(f"  {case.name} r{r + 1}: pipeline p50 {pipe_lat['latency_p50_ms']:.1f} ms p99 {pipe_lat['latency_p99_ms']:.1f} "
+    say(f"  {case.name} r{r + 1}: pipeline p50 {pipe_lat['latency_p50_ms']:.1f} ms "
+        f"p99 {pipe_lat['latency_p99_ms']:.1f} "
         f"ms, drain {pipe['drain_per_s'] or 0:.0f}/s; in-process p50 {base['latency']['latency_p50_ms']:.2f} ms "
         f"p99 {base['latency']['latency_p99_ms']:.2f} ms, {base['tasks_per_s']:.0f}/s; ratios p50 "
         f"{c['p50_ratio'] or 0:.1f}x, throughput {c['throughput_ratio'] or 0:.2f}x; routes mismatched "
@@ -598,7 +406,7 @@ def summarize_case(case: Case, chain_steps: Sequence[str], rounds: list[dict[str
     """The case's report entry: settings, rounds, the median-over-rounds summary, routes and steps seen."""
     summary = median_rounds([{k: r[k] for k in ("pipe", "base", "cmp")} for r in rounds])
     routes = sorted({rt for r in rounds for rt in r["pipe"]["latency"]["routes"]}, key=lambda x: (x.count("+"), x))
-    return {"settings": {**asdict(case), "drain_tasks": case_drain_tasks(case), "latency_s": case_latency_s(case)},
+    return {"settings": asdict(case),
             "steps": list(chain_steps), "routes": routes, "rounds": rounds, "summary": summary}
 
 
@@ -629,10 +437,9 @@ def main(
         if update_readme_section:
             update_readme(report)
         return
-    if smoke:
-        pipelines, rounds = "digits-routing", 1
-        _SCALE.update(drain=1000 / CASES["digits-routing"].drain_tasks, latency=4.0 / 15.0)
     chosen = [CASES[p.strip()] for p in pipelines.split(",") if p.strip()]
+    if smoke:
+        chosen = [replace(CASES["digits-routing"], drain_tasks=1000, latency_s=4.0, rounds=1)]
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-pipeline" + ("-smoke" if smoke else "")
@@ -668,7 +475,8 @@ def main(
                 failures = report.setdefault("worker_failures", [])
                 for r in range(rounds or case.rounds):
                     say(f"{case.name} round {r + 1}/{rounds or case.rounds} (load average {os.getloadavg()[0]:.1f})")
-                    for attempt in range(2):  # a worker that dies before the round ends: its log kept, the round retried once
+                    # a worker that dies before the round ends: its log kept, the round retried once
+                    for attempt in range(2):
                         try:
                             done.append(one_round(case, r, chain, bootstrap=address, partitions=partitions,
                                                   logs=logs, bar_factory=bar_factory, say=say))
@@ -678,7 +486,7 @@ def main(
                             saved.write_text(exc.log)
                             failures.append({"pipeline": case.name, "round": r, "attempt": attempt, "error": str(exc),
                                              "log_tail": exc.log[-3000:],
-                                             "log": str(saved.relative_to(ROOT) if saved.is_relative_to(ROOT) else saved)})
+                                             "log": str(saved)})
                             say(f"  WORKER FAILED: {exc}; its log: {saved}")
                             if attempt:
                                 raise

@@ -154,7 +154,7 @@ def test_update_readme_replaces_only_its_block(tmp_path):
 
 
 def test_replay_in_process_waits_for_arrivals_and_counts_queueing():
-    from benchmarks.pipeline import replay_in_process
+    from benchmarks.pipeline_chains import replay_in_process
 
     now = [0.0]
     served = []
