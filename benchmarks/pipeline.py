@@ -460,7 +460,7 @@ def main(
         logs = Path(tmp)
         port = None
         if bootstrap:
-            address, report["broker"] = bootstrap, f"Apache Kafka at {bootstrap}"
+            address, report["broker"] = bootstrap, f"the broker at {bootstrap} (--bootstrap)"
         else:
             from benchmarks.control import start_kafka
 
