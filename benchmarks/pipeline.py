@@ -4,7 +4,7 @@ Usage (from the repository root, with the project installed, ``.[all]``)::
 
     .venv/bin/python -m benchmarks.pipeline --update-readme   # digits-routing (3 rounds), text-sentiment (2): ~5 min
     .venv/bin/python -m benchmarks.pipeline --pipelines digits-routing --rounds 1 --bootstrap 127.0.0.1:9092
-    .venv/bin/python -m benchmarks.pipeline --smoke                # ~1 min: digits-routing, 1 round, small
+    .venv/bin/python -m benchmarks.pipeline --smoke                # digits-routing, 1 small round: ~20 s + the broker
     .venv/bin/python -m benchmarks.pipeline --report results/<stamp>-pipeline.json --update-readme
 
 Without ``--bootstrap`` it starts a throw-away Apache Kafka with ``docker/kafka/kafka.sh``
@@ -415,7 +415,7 @@ def main(
     pipelines: str = typer.Option(",".join(CASES), help=f"of {', '.join(CASES)}, comma-separated"),
     rounds: int = typer.Option(None, help="rounds per pipeline (default: digits-routing 3, text-sentiment 2)"),
     partitions: int = typer.Option(3, help="partitions of the pipeline's topics (the worker's default)"),
-    smoke: bool = typer.Option(False, help="~1 min: digits-routing, 1 round, a 1,000-task drain, 4 s of latency run"),
+    smoke: bool = typer.Option(False, help="digits-routing, 1 round, a 1,000-task drain, 4 s of latency run (~20 s + the broker)"),
     bootstrap: str = typer.Option(None, help="a running Apache Kafka (host:port) instead of a throw-away one"),
     out_dir: Path = typer.Option(RESULTS, help="where the JSON and PNG go"),
     update_readme_section: bool = typer.Option(False, "--update-readme", help="rewrite benchmarks/README.md"),
