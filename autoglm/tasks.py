@@ -93,18 +93,18 @@ def records_from_jsonl(path: Path, prefix: str, *, validate: bool = True, topic:
                 raw = orjson.dumps({**{k: v for k, v in defaults.items() if v is not None}, **doc})
             if validate:
                 task = decode_task(raw)
-                model, key = task.model, task.id
+                line_model, key = task.model, task.id
             else:
                 doc = loads(raw)
                 if not isinstance(doc, dict) or not isinstance(doc.get("model"), str) or not doc["model"]:
                     raise EventDecodeError("needs a JSON object with a 'model' string to choose its topic "
                                            "(even with --no-validate)")
-                model, key = doc["model"], str(doc.get("id", ""))
+                line_model, key = doc["model"], str(doc.get("id", ""))
         except EventError as exc:
             located = EventError(f"{path}:{lineno}: {exc}")
             located.code = exc.code
             raise located from None
-        out.append((topic or names.tasks(model), key.encode(), raw))
+        out.append((topic or names.tasks(line_model), key.encode(), raw))
     return out
 
 

@@ -164,11 +164,33 @@ def load_pipeline_stages(settings: Settings) -> dict[str, "StepStage"]:
         for stage in stages_of(pipeline, names, signatures, max_hop_bytes=settings.max_result_bytes):
             stages[stage.name] = stage
     topics = [st.topic for st in stages.values()]
-    clash = {t for t in topics if topics.count(t) > 1} | {t for t in topics if t.startswith(f"{names.prefix}.tasks.")}
+    clash = {t for t in topics if topics.count(t) > 1}
     if clash:
-        raise ConfigError(f"pipelines (AUTOGLM_PIPELINES): topic(s) {sorted(clash)} read by two pipelines or "
-                          "by a model; give each pipeline its own input topic")
+        raise ConfigError(f"pipelines (AUTOGLM_PIPELINES): topic(s) {sorted(clash)} read by two pipelines; give "
+                          "each pipeline its own input topic")
+    for stage in stages.values():
+        if stage.index == 0 and (why := _not_an_input_topic(stage.topic, stage.pipeline.name, names)):
+            raise ConfigError(f"{stage.pipeline.source}: key 'input.topic': {stage.topic!r} is {why}; expected a "
+                              f"topic of this pipeline's own (default {names.pipeline_input(stage.pipeline.name)!r})")
     return stages
+
+
+def _not_an_input_topic(topic: str, pipeline: str, names: TopicNames) -> str:
+    """Why ``topic`` cannot be a pipeline's input topic ("" when it can): the engine's own topics
+    would feed results, dead letters, control events or another pipeline's hops back in as tasks
+    (reading ``<prefix>.results`` loops: each result is rejected with a new result)."""
+    prefix = names.prefix
+    own = {names.results: "the results topic", names.dlq: "the dead-letter topic",
+           names.control: "the control topic", names.status: "the status topic"}
+    if topic in own:
+        return own[topic]
+    if topic.startswith(f"{prefix}.tasks."):
+        return "a model's task topic"
+    if topic.startswith(f"{prefix}.replies."):
+        return "a client's reply topic"
+    if topic.startswith(f"{prefix}.pipelines.") and topic != names.pipeline_input(pipeline):
+        return "another pipeline's topic (an input or intermediate topic)"
+    return ""
 
 
 def load_step_runners(settings: Settings, stages: dict[str, "StepStage"]) -> dict[str, ModelRunner]:

@@ -467,13 +467,14 @@ class Client:
         tasks = [Task(id=f"{self.client_id}-{uuid.uuid4().hex[:16]}", model=model, inputs=_as_inputs(x),
                       priority=priority or 0, deadline_ms=deadline_ms, created_ms=created,
                       reply_to=self.reply_topic, attributes=dict(attributes or {})) for x in inputs]
+        encoded = [encode_task(t) for t in tasks]  # first: a task that cannot be encoded leaves nothing waiting
         futures = []
         for task in tasks:
             fut = loop.create_future()
             self._waiting[task.id] = fut
             futures.append(fut)
         try:
-            sends = [await self._producer.send(topic, encode_task(t), key=t.id.encode()) for t in tasks]
+            sends = [await self._producer.send(topic, value, key=t.id.encode()) for t, value in zip(tasks, encoded)]
             await asyncio.gather(*sends)
         except KafkaError as exc:
             self._forget(tasks)

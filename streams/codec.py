@@ -98,12 +98,13 @@ def dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def encode_tensor(array: np.ndarray) -> dict[str, Any]:
+def encode_tensor(array: np.ndarray, *, field: str = "outputs") -> dict[str, Any]:
     """Encode an array as a wire tensor.
 
     Args:
         array: any shape (0-d and empty included), any dtype in
             ``SUPPORTED_DTYPES``; need not be contiguous.
+        field: the field path errors name (``inputs`` for a task's).
 
     Returns:
         ``{"dtype": str, "shape": list[int], "data": str}`` with base64 of the
@@ -115,9 +116,9 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     arr = np.asarray(array)
     name = arr.dtype.name
     if name not in SUPPORTED_DTYPES:
-        raise TensorError("outputs.dtype", f"one of {sorted(SUPPORTED_DTYPES)}", preview(name))
+        raise TensorError(f"{field}.dtype", f"one of {sorted(SUPPORTED_DTYPES)}", preview(name))
     if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
-        raise TensorError("outputs.data", "finite numbers", "NaN or inf")
+        raise TensorError(f"{field}.data", "finite numbers", "NaN or inf")
     little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
     return {
         "dtype": name,

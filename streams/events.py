@@ -225,7 +225,7 @@ def encode_outputs(outputs: Outputs, *, field: str = "outputs") -> dict[str, Any
         TensorError: unsupported dtype or non-finite values (``field.name`` named).
     """
     if not isinstance(outputs, dict):
-        return encode_tensor(outputs)
+        return encode_tensor(outputs, field=field)
     if not outputs or _TENSOR_KEYS & set(outputs):
         raise TensorError(field, "named tensors with names other than dtype, shape, data", sorted(outputs))
     encoded = {}

@@ -21,6 +21,7 @@ visible on its own, and a model can get its own partition count.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -216,6 +217,7 @@ class TopicCache:
         self._present: set[str] = set()
         self._missing: dict[str, float] = {}
         self._admin: AIOKafkaAdminClient | None = None
+        self._admin_start: asyncio.Future | None = None
 
     def cached(self, topic: str) -> bool | None:
         """The known answer for ``topic`` without asking the broker: True (exists), False (missing,
@@ -236,10 +238,8 @@ class TopicCache:
         if checked is not None and self._clock() - checked < self._negative_ttl_s:
             return False
         try:
-            if self._admin is None:
-                self._admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **self._kwargs)
-                await self._admin.start()
-            described = await asyncio.wait_for(self._admin.describe_topics([topic]), self._timeout_s)
+            admin = await self._started_admin()
+            described = await asyncio.wait_for(admin.describe_topics([topic]), self._timeout_s)
             info = described[0] if described else {}
             found = info.get("error_code", 0) == 0 and bool(info.get("partitions"))
         except (KafkaError, asyncio.TimeoutError) as exc:
@@ -252,7 +252,35 @@ class TopicCache:
             self._missing[topic] = self._clock()
         return found
 
+    async def _started_admin(self) -> AIOKafkaAdminClient:
+        """The admin client, started once: concurrent first checks wait for the one start (a client used
+        before its start finished answers ``NodeNotReadyError``, and the topic would be cached as missing)."""
+        import asyncio
+
+        start = self._admin_start
+        if start is None:
+            start = self._admin_start = asyncio.ensure_future(self._start_admin())
+        try:
+            return await asyncio.shield(start)
+        except BaseException:
+            if start.done() and self._admin_start is start:  # a failed start is tried again by the next check
+                self._admin_start = None
+            raise
+
+    async def _start_admin(self) -> AIOKafkaAdminClient:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap, **self._kwargs)
+        try:
+            await admin.start()
+        except BaseException:
+            await admin.close()
+            raise
+        self._admin = admin
+        return admin
+
     async def close(self) -> None:
+        if self._admin_start is not None and not self._admin_start.done():
+            self._admin_start.cancel()
+        self._admin_start = None
         if self._admin is not None:
             await self._admin.close()
             self._admin = None

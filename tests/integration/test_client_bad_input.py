@@ -28,7 +28,6 @@ async def _nan_call(client: Client) -> AutoGLMError:
     return info.value
 
 
-@pytest.mark.xfail(strict=True, reason="Client._submit leaks the futures of tasks whose encoding fails")
 async def test_unencodable_input_leaves_no_future(kafka_bootstrap, prefix):
     await create_topics(kafka_bootstrap, prefix, partitions=1)
     async with Client(kafka_bootstrap, prefix=prefix) as client:
@@ -36,7 +35,6 @@ async def test_unencodable_input_leaves_no_future(kafka_bootstrap, prefix):
         assert client._waiting == {}
 
 
-@pytest.mark.xfail(strict=True, reason="encode_tensor names every tensor 'outputs.*', an input too")
 async def test_unencodable_input_error_names_the_inputs(kafka_bootstrap, prefix):
     await create_topics(kafka_bootstrap, prefix, partitions=1)
     async with Client(kafka_bootstrap, prefix=prefix) as client:

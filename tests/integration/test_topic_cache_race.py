@@ -21,8 +21,6 @@ from .kafka_io import create_topics
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(strict=True, reason="TopicCache.exists: concurrent first calls race on the admin client's "
-                   "start (streams/topics.py ~239-241); an existing topic is reported missing")
 async def test_concurrent_first_checks_see_an_existing_topic(kafka_bootstrap, prefix):
     await create_topics(kafka_bootstrap, prefix, partitions=1)
     cache = TopicCache(kafka_bootstrap)

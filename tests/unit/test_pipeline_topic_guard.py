@@ -1,9 +1,10 @@
 """A pipeline's input topic must not be one of the engine's own topics (found by the new-user review).
 
-`autoglm/worker.py` `load_pipeline_stages` refuses an input topic that another pipeline of the same
-worker reads or that starts with ``<prefix>.tasks.``, but accepts ``<prefix>.results``,
+`autoglm/worker.py` `load_pipeline_stages` refused only an input topic that another pipeline of the
+same worker reads or that starts with ``<prefix>.tasks.``; it accepted ``<prefix>.results``,
 ``<prefix>.dlq``, ``<prefix>.control``, ``<prefix>.status`` and another pipeline's intermediate
-topic ``<prefix>.pipelines.<other>.<step>``. On a real broker (run by hand, 2026-12-02):
+topic ``<prefix>.pipelines.<other>.<step>`` (now refused, naming the file and key). What that did
+on a real broker (run by hand, 2026-12-02):
 
 - input ``nu.results``: every result (and every ``rejected`` result the pipeline writes for it, since
   a result is not a task) is consumed again, dead-lettered and answered with a new result on
@@ -46,9 +47,6 @@ def test_own_input_topic_is_accepted(tmp_path: Path) -> None:
     assert [st.topic for st in stages.values()] == ["my-images"]
 
 
-@pytest.mark.xfail(strict=True, reason="worker.py load_pipeline_stages (line ~167) checks only <prefix>.tasks.* and "
-                   "duplicates; results/dlq/control/status and other pipelines' hop topics are accepted, and "
-                   "reading <prefix>.results loops forever")
 @pytest.mark.parametrize("topic", ["nu.results", "nu.dlq", "nu.control", "nu.status",
                                    "nu.pipelines.digits-routing.second"])
 def test_engine_topic_as_input_is_refused(tmp_path: Path, topic: str) -> None:

@@ -18,8 +18,6 @@ from autoglm.tasks import records_from_jsonl
 _ROW = [0.0] * 64
 
 
-@pytest.mark.xfail(strict=True, reason="tasks.py records_from_jsonl overwrites its `model` default with the "
-                   "previous line's model (loop variable shadows the parameter)")
 def test_line_without_model_gets_the_pipeline_name(tmp_path: Path) -> None:
     path = tmp_path / "samples.jsonl"
     path.write_text("\n".join(orjson.dumps(d).decode() for d in (
