@@ -1,13 +1,10 @@
 """A client call whose inputs cannot be encoded (found by the new-user review).
 
-`streams/client.py` `Client._submit` registers a future per task in ``_waiting`` before
-``encode_task``; a ``TensorError`` there (NaN, a dict of strings) is not a ``KafkaError``, so the
-futures stay registered: one leaked entry per failed call, and at close each gets a
-``BrokerError`` nobody reads ("Future exception was never retrieved ... client closed before the
-result arrived" on stderr). The error also names ``outputs.data`` for an input (``encode_tensor``
-in `streams/codec.py` labels every tensor as an output).
-Suggested fix: encode the tasks before creating futures (or ``_forget`` on any exception), and
-let ``encode_tensor`` take the field name.
+`streams/client.py` `Client._submit` registered a future per task before ``encode_task``; a
+``TensorError`` there (NaN, a dict of strings) is not a ``KafkaError``, so the futures stayed
+registered (one leaked entry per failed call, and a ``BrokerError`` nobody read at close), and the
+error named ``outputs.data`` for an input. Fixed: the tasks are encoded before any future is made,
+and ``encode_tensor`` takes the field name.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """TopicCache.exists asked twice at once on a fresh cache (found by the new-user review).
 
-`streams/topics.py` `TopicCache.exists` sets ``self._admin`` before ``await self._admin.start()``;
-a second call arriving meanwhile sees an admin client that is not started, its
-``describe_topics`` fails with ``NodeNotReadyError`` and the topic is cached as missing for
-``negative_ttl_s``. Seen on a worker (log: "could not check topic 'nu.results':
+`streams/topics.py` `TopicCache.exists` set ``self._admin`` before ``await self._admin.start()``;
+a second call arriving meanwhile saw an admin client that was not started, its
+``describe_topics`` failed with ``NodeNotReadyError`` and the topic was cached as missing for
+``negative_ttl_s``. Fixed: every first check waits for the one start. Seen on a worker (log: "could not check topic 'nu.results':
 NodeNotReadyError(...)"): a task with ``reply_to: nu.results`` that arrived beside one with a
 missing ``reply_to`` was rejected and dead-lettered ("expected an existing topic, got
 'nu.results'"), as would every task replying there for the next 5 s.

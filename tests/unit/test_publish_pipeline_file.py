@@ -1,10 +1,9 @@
 """`autoglm publish --pipeline P --file F`: a line without `model` gets `pipeline:P` (found by the new-user review).
 
-`autoglm/tasks.py` `records_from_jsonl` (line ~96, ``model, key = task.model, task.id``) reuses its
-``model`` parameter as the loop variable, so after a line that names a model every later line
-without one inherits that line's model instead of ``pipeline:<name>``; the result's ``model`` then
-echoes the wrong name (seen on Kafka: tasks rq4/rq5 came back as model 'other').
-Suggested fix: a separate loop variable (e.g. ``line_model``).
+`autoglm/tasks.py` `records_from_jsonl` reused its ``model`` parameter as the loop variable, so
+after a line that named a model every later line without one inherited that line's model instead
+of ``pipeline:<name>`` (seen on Kafka: tasks rq4/rq5 came back as model 'other'). Fixed with a
+separate loop variable.
 """
 from __future__ import annotations
 
