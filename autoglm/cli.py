@@ -236,6 +236,13 @@ def _control(command: str, *, model: Optional[str], worker_id: Optional[str], wa
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2 if isinstance(exc, ValueError) else 1) from None
     _print_outcome(outcome, wait=wait, as_json=as_json)
+    targeted = {k: v for k, v in (("model", model), ("pipeline", pipeline), ("step", step)) if v}
+    if wait and targeted and command in ("pause", "resume", "configure") and outcome.acks and all(
+            a.get("streams") == [] for a in outcome.acks.values()):
+        typer.echo(f"error: no live worker serves {' and '.join(f'{k} {v!r}' for k, v in targeted.items())} "
+                   "(a typo?); the event stays in the control topic and applies to workers that serve it later",
+                   err=True)
+        raise typer.Exit(1)
     reports = {w: a["report"] for w, a in outcome.acks.items() if isinstance(a.get("report"), dict)}
     if reports and not as_json:
         _print_figures(reports, title=f"status reports of {len(reports)} worker(s)")

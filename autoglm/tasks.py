@@ -131,9 +131,10 @@ async def send_records(servers: list[str], records: list[Record], client_kwargs:
         try:
             await partitions_of(servers, topic, timeout_s=3.0, client_kwargs=client_kwargs)
         except TopicMissingError:
+            what = "that pipeline (autoglm pipeline run)" if ".pipelines." in topic else "that model"
             raise BrokerError(
-                f"topic {topic!r} does not exist: is a worker serving that model with this prefix? "
-                "(workers create their models' topics at start)"
+                f"topic {topic!r} does not exist: is a worker serving {what} with this prefix? "
+                "(workers create the topics they read at start)"
             ) from None
     producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5,
                                 max_request_size=4 * 1024 * 1024, **(client_kwargs or {}))

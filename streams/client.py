@@ -553,6 +553,10 @@ class SyncClient:
         """:meth:`Client.infer_pipeline`, blocking."""
         return self._call(self._client.infer_pipeline(pipeline, inputs, **kwargs))
 
+    def pipeline_results(self, pipeline: str, inputs: Iterable[Any], **kwargs: Any) -> list[Any]:
+        """:meth:`Client.pipeline_results`, blocking."""
+        return self._call(self._client.pipeline_results(pipeline, list(inputs), **kwargs))
+
     def infer_many(self, model: str, inputs: Iterable[Any], **kwargs: Any) -> list[Any]:
         """:meth:`Client.infer_many`, blocking."""
         return self._call(self._client.infer_many(model, list(inputs), **kwargs))

@@ -14,7 +14,7 @@ Wire formats (``autoglm.status/v1``, keyed by worker id)::
 
     {"schema": "autoglm.status/v1", "kind": "ack", "worker": "...", "event_id": "...",
      "command": "pause", "status": "ok" | "rejected" | "ignored", "reason": "...",
-     "state": {...}, "time_ms": ..., "report": {...}?}
+     "streams": ["<model or pipeline/step it applied to>", ...], "state": {...}, "time_ms": ..., "report": {...}?}
     {"schema": "autoglm.status/v1", "kind": "heartbeat", "worker": "...", "time_ms": ...,
      "interval_s": 5.0, "window_s": 5.0, "started_ms": ..., "uptime_s": ..., "state": {...},
      "models": {"<model>": {figures}}, "in_flight": n, "max_in_flight": n?, "totals": {...}?}
@@ -342,6 +342,7 @@ class ControlPlane:
         fields: dict[str, Any] = {
             "event_id": event.id, "command": event.command, "status": decision.status,
             "reason": decision.reason, "issued_ms": event.issued_ms, "state": self.state.snapshot(),
+            "streams": list(decision.models),  # the served streams (models, pipeline steps) it applied to
         }
         if decision.report:
             fields["report"] = self._report(window=False)

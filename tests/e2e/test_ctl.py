@@ -128,6 +128,13 @@ def test_pause_status_resume_against_apache_kafka(kafka_bootstrap, prefix, worke
     assert acked_lines(resume.stdout) == {"w0": "ok", "w1": "ok"}
     wait_table(env, running)
 
+    # a target no live worker serves (a typo) is acknowledged by every worker, and exits 1 saying so
+    typo = autoglm(env, "ctl", "pause", "--pipeline", "digits-routnig", "--wait")
+    assert typo.returncode == 1, typo.stdout + typo.stderr[-3000:]
+    assert acked_lines(typo.stdout) == {"w0": "ok", "w1": "ok"}
+    assert "error: no live worker serves pipeline 'digits-routnig'" in typo.stderr
+    wait_table(env, running)  # nothing was paused
+
 
 def test_pause_and_resume_wait_against_the_embedded_broker(embedded_bootstrap, prefix, workers, model_cache):
     env = cli_env(embedded_bootstrap, prefix)
