@@ -159,8 +159,8 @@ def load_pipeline_stages(settings: Settings) -> dict[str, "StepStage"]:
             raise ConfigError(f"pipelines (AUTOGLM_PIPELINES): {path} and {seen[pipeline.name]} are both named "
                               f"{pipeline.name!r}; a name must be unique (its topics carry it)")
         seen[pipeline.name] = str(path)
-        signatures = {s.model: ([p.name for p in lookup(s.model).inputs], [p.name for p in lookup(s.model).outputs])
-                      for s in pipeline.steps}
+        specs = {s.model: lookup(s.model) for s in pipeline.steps}
+        signatures = {m: ([p.name for p in spec.inputs], [p.name for p in spec.outputs]) for m, spec in specs.items()}
         for stage in stages_of(pipeline, names, signatures, max_hop_bytes=settings.max_result_bytes):
             stages[stage.name] = stage
     topics = [st.topic for st in stages.values()]

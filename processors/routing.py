@@ -212,11 +212,16 @@ def advance(pipeline: Pipeline, state: TaskState, start: int) -> int | None:
         verdict = decide(step, state)
         if verdict is None:
             return index
-        if isinstance(verdict, StepError):
-            state.errors[step.name] = verdict
-        else:
-            state.skipped[step.name] = verdict
+        record(state, step.name, verdict)
     return None
+
+
+def record(state: TaskState, step: str, verdict: str | StepError) -> None:
+    """Record that ``step`` does not run for the task: a skip reason or an error, as :func:`decide` gave it."""
+    if isinstance(verdict, StepError):
+        state.errors[step] = verdict
+    else:
+        state.skipped[step] = verdict
 
 
 @dataclass(frozen=True, slots=True)

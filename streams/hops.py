@@ -45,7 +45,6 @@ runner that fans branches out, which this one does not).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -55,8 +54,8 @@ from autoglm.models.steps import prepare_step, step_outputs
 from autoglm.processors.control import Stream, stream_name
 from autoglm.processors.dag import Pipeline, StepError
 from autoglm.processors.errors import EventError, EventValidationError, TensorError
-from autoglm.processors.routing import TaskState, advance, assemble_result, carried, decide, gather_inputs
-from autoglm.streams.events import ErrorInfo, Hop, Result, Task, decode_hop, decode_task, encode_hop
+from autoglm.processors.routing import TaskState, advance, assemble_result, carried, decide, gather_inputs, record
+from autoglm.streams.events import ErrorInfo, Hop, Result, Task, decode_hop, decode_task, encode_hop, now_ms
 from autoglm.streams.results import all_finite
 from autoglm.streams.topics import TopicNames
 
@@ -127,7 +126,7 @@ class StepStage:
                       task.created_ms or received_ms, task.reply_to)
             verdict = decide(step, state)
             if verdict is not None:  # a when on attributes: skipped (a first step has no upstream to fail)
-                _record(state, step.name, verdict)
+                record(state, step.name, verdict)
                 return hop, task, NOT_RUN
             try:
                 return hop, task, model.prepare(gather_inputs(step, state, self.model_inputs,
@@ -215,17 +214,10 @@ class StepStage:
             id=hop.state.id, model=hop.model, status=status or res.status, outputs=outputs or None, error=error,
             batch_size=steps[-1]["batch_size"] if steps else 0, worker=worker,
             queue_ms=sum(s["queue_ms"] for s in steps), inference_ms=sum(s["inference_ms"] for s in steps),
-            end_to_end_ms=float(max(0, time.time_ns() // 1_000_000 - hop.created_ms)),
+            end_to_end_ms=float(max(0, now_ms() - hop.created_ms)),
             attributes=dict(hop.state.attributes), pipeline=self.pipeline.name, steps=tuple(steps),
             skipped=dict(res.skipped),
         )
-
-
-def _record(state: TaskState, step: str, verdict: str | StepError) -> None:
-    if isinstance(verdict, StepError):
-        state.errors[step] = verdict
-    else:
-        state.skipped[step] = verdict
 
 
 def _flat(outputs: dict[str, Any]) -> dict[str, np.ndarray]:

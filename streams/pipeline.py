@@ -694,6 +694,7 @@ class TaskPipeline:
         groups: list[tuple[Hashable, int, list[Record]]] = []
         latencies_s: list[float] = []
         failed: set[str] = set()
+        errors = 0
         for p, outcome in zip(batch, outcomes):
             timing = {"step": stage.step.name, "model": step_model, "worker": self.worker_id,
                       "batch_size": len(batch), "queue_ms": round((start_s - p.received_s) * 1000.0, 3),
@@ -703,13 +704,13 @@ class TaskPipeline:
             error = stage.served(p.hop, outcome, timing, finite=checked)
             if error is not None:
                 failed.add(error.code)
+                errors += 1
             latencies_s.append(now_s - p.received_s)
             groups.append(self._forward(p, isolated=error is not None and error.code == "inference", encoder=encoder))
-        ok = len(batch) - sum(1 for p in batch if stage.step.name in p.hop.state.errors)
-        if ok:
-            self.metrics.count_tasks(name, "ok", ok)
-        if len(batch) - ok:
-            self.metrics.count_tasks(name, "error", len(batch) - ok)
+        if len(batch) - errors:
+            self.metrics.count_tasks(name, "ok", len(batch) - errors)
+        if errors:
+            self.metrics.count_tasks(name, "error", errors)
         return groups, latencies_s, failed
 
     def _stage_of(self, pending: Pending) -> Any:
