@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from autoglm import Client
+from autoglm.errors import TopicMissingError
 
 from ..integration.kafka_io import read_until
 
@@ -62,7 +65,14 @@ async def test_the_readme_walkthrough(kafka_bootstrap, prefix, workers, tmp_path
     with torch.no_grad():
         expected = scorer(torch.from_numpy(x)).numpy()
     async with Client(kafka_bootstrap, prefix=prefix) as client:
-        probs = await client.infer("scorer", x[:2], timeout_s=120)
+        deadline = time.monotonic() + 120
+        while True:  # the worker creates its models' topics once the three models are loaded
+            try:
+                probs = await client.infer("scorer", x[:2], timeout_s=120)
+                break
+            except TopicMissingError:
+                assert proc.poll() is None and time.monotonic() < deadline, workers.log(proc)
+                await asyncio.sleep(1.0)
         assert proc.poll() is None, workers.log(proc)
         assert probs.shape == (2, 3) and np.abs(probs - expected[:2]).max() <= 1e-5
         onnx_probs = await client.infer("scorer-onnx", x, timeout_s=60)
